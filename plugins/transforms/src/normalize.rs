@@ -1,0 +1,213 @@
+//! ivadomed's `NormalizeInstance`.
+use crate::geometry::{is_float, record_floats};
+use ivado_sdk::serde_json::{json, Value};
+use ivado_sdk::tch::{Device, Kind, Tensor};
+use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+
+/// Standardises `image` with its own statistics: `(x - mean) / std`, per channel over all its voxels.
+///
+/// ivadomed applies `NormalizeInstance` to each contrast (channel) separately and uses the population standard
+/// deviation (numpy's default, `ddof = 0`); so does this. A constant channel, whose std is 0 (or negligible next
+/// to its mean in float32), is only mean-subtracted instead of producing NaNs. Other tensors are left alone.
+/// The record holds the per-channel means and divisors, so `undo` restores the intensities.
+pub struct NormalizeInstance;
+
+impl NormalizeInstance {
+    /// Per-channel (mean, divisor) of a `[C, ...]` tensor, computed in float64.
+    fn statistics(image: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+        let channels = image.size().first().copied().unwrap_or(1);
+        let flat = image.f_to_kind(Kind::Double)?.f_reshape([channels, -1])?;
+        let mean = flat.f_mean_dim(Some([1i64].as_slice()), true, None::<Kind>)?;
+        let variance = flat.f_sub(&mean)?.f_square()?.f_mean_dim(
+            Some([1i64].as_slice()),
+            false,
+            None::<Kind>,
+        )?;
+        let means = Vec::<f64>::try_from(&mean.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+        let variances = Vec::<f64>::try_from(&variance.f_to_device(Device::Cpu)?)?;
+        let divisors = means
+            .iter()
+            .zip(&variances)
+            .map(|(m, v)| {
+                let std = v.sqrt();
+                if std.is_finite() && std > 1e-7 * m.abs().max(1.0) {
+                    std
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Ok((means, divisors))
+    }
+
+    /// `[C, 1, 1, ...]` tensor of per-channel values, ready to broadcast against a `[C, ...]` tensor of `dims` axes.
+    fn per_channel(values: &[f64], dims: usize, device: Device) -> Result<Tensor> {
+        let mut shape = vec![values.len() as i64];
+        shape.resize(dims.max(1), 1);
+        Ok(Tensor::f_from_slice(values)?
+            .f_reshape(shape.as_slice())?
+            .f_to_device(device)?)
+    }
+}
+
+impl Transform for NormalizeInstance {
+    const NAME: &'static str = "NormalizeInstance";
+    const SUMMARY: &'static str =
+        "Standardises `image` per channel with its own mean and std (undoable)";
+
+    fn defaults() -> Value {
+        json!({})
+    }
+
+    fn build(_config: &mut Config) -> Result<Self> {
+        Ok(Self)
+    }
+
+    fn apply(&self, sample: &mut Sample, _seed: u64) -> Result<Value> {
+        let Some(image) = sample.tensors.get("image") else {
+            return Ok(Value::Null);
+        };
+        if image.dim() == 0 || image.numel() == 0 {
+            return Err(PluginError(format!(
+                "{}: `image` is empty (shape {:?})",
+                Self::NAME,
+                image.size()
+            )));
+        }
+        let (means, divisors) = Self::statistics(image)?;
+        let kind = image.f_kind()?;
+        let out_kind = if is_float(kind) { kind } else { Kind::Float };
+        let dims = image.dim();
+        let device = image.device();
+        let normalized = image
+            .f_to_kind(Kind::Double)?
+            .f_sub(&Self::per_channel(&means, dims, device)?)?
+            .f_div(&Self::per_channel(&divisors, dims, device)?)?
+            .f_to_kind(out_kind)?;
+        sample.insert("image", normalized);
+        Ok(json!({"mean": means, "std": divisors}))
+    }
+
+    fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {
+        if record.is_null() {
+            return Ok(());
+        }
+        let Some(image) = sample.tensors.get("image") else {
+            return Ok(());
+        };
+        let channels = image.size().first().copied().unwrap_or(0) as usize;
+        let means = record_floats(record, "mean", channels, Self::NAME)?;
+        let divisors = record_floats(record, "std", channels, Self::NAME)?;
+        let (dims, device, kind) = (image.dim(), image.device(), image.f_kind()?);
+        let restored = image
+            .f_to_kind(Kind::Double)?
+            .f_mul(&Self::per_channel(&divisors, dims, device)?)?
+            .f_add(&Self::per_channel(&means, dims, device)?)?
+            .f_to_kind(if is_float(kind) { kind } else { Kind::Float })?;
+        sample.insert("image", restored);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(tensor: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(&tensor.flatten(0, -1)).unwrap()
+    }
+
+    /// Mean and population std by plain f64 arithmetic, independent of libtorch.
+    fn mean_std(values: &[f64]) -> (f64, f64) {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn normalizes_each_channel_to_mean_0_std_1_and_undo_restores() {
+        // Channel 0: 3 + 0.01 k^2 (skewed), channel 1: 100 - 7 k: different statistics per channel.
+        let raw: Vec<f32> = (0..2 * 5 * 6)
+            .map(|k| {
+                if k < 30 {
+                    3.0 + 0.01 * (k * k) as f32
+                } else {
+                    100.0 - 7.0 * k as f32
+                }
+            })
+            .collect();
+        let image = Tensor::from_slice(&raw).reshape([2, 5, 6]);
+        let label = Tensor::ones([5, 6], (Kind::Float, Device::Cpu));
+        let mut sample = Sample::new();
+        sample.insert("image", image.shallow_clone());
+        sample.insert("label", label.shallow_clone());
+        let record = NormalizeInstance.apply(&mut sample, 1).unwrap();
+
+        let raw64: Vec<f64> = raw.iter().map(|&v| v as f64).collect();
+        let (m0, s0) = mean_std(&raw64[..30]);
+        let (m1, s1) = mean_std(&raw64[30..]);
+        let got = record["mean"].as_array().unwrap();
+        assert!(
+            (got[0].as_f64().unwrap() - m0).abs() < 1e-9
+                && (got[1].as_f64().unwrap() - m1).abs() < 1e-9
+        );
+        let got = record["std"].as_array().unwrap();
+        assert!(
+            (got[0].as_f64().unwrap() - s0).abs() < 1e-9
+                && (got[1].as_f64().unwrap() - s1).abs() < 1e-9
+        );
+
+        let out = values(sample.get("image").unwrap());
+        for channel in out.chunks(30) {
+            let (mean, std) = mean_std(channel);
+            assert!(mean.abs() < 1e-6, "mean {mean}");
+            assert!((std - 1.0).abs() < 1e-5, "std {std}");
+        }
+        assert!(
+            sample.get("label").unwrap().equal(&label),
+            "other tensors are untouched"
+        );
+
+        NormalizeInstance.undo(&mut sample, &record).unwrap();
+        let back = sample.get("image").unwrap();
+        assert_eq!(back.kind(), Kind::Float);
+        let error = f64::try_from((back - &image).abs().max()).unwrap();
+        assert!(error < 1e-5, "max undo error {error}");
+    }
+
+    #[test]
+    fn constant_3d_image_is_only_mean_subtracted_and_restored() {
+        let image = Tensor::full([1, 3, 4, 5], 2.5, (Kind::Float, Device::Cpu));
+        let mut sample = Sample::new();
+        sample.insert("image", image.shallow_clone());
+        let record = NormalizeInstance.apply(&mut sample, 0).unwrap();
+        assert_eq!(record, json!({"mean": [2.5], "std": [1.0]}));
+        assert!(values(sample.get("image").unwrap())
+            .iter()
+            .all(|&v| v == 0.0));
+        NormalizeInstance.undo(&mut sample, &record).unwrap();
+        assert!(sample.get("image").unwrap().equal(&image));
+    }
+
+    #[test]
+    fn sample_without_image_is_a_no_op_and_config_takes_no_keys() {
+        let mut sample = Sample::new();
+        sample.insert(
+            "prediction",
+            Tensor::ones([1, 4, 4], (Kind::Float, Device::Cpu)),
+        );
+        let record = NormalizeInstance.apply(&mut sample, 0).unwrap();
+        assert!(record.is_null());
+        NormalizeInstance.undo(&mut sample, &record).unwrap();
+
+        let mut config = Config::new(
+            "NormalizeInstance",
+            NormalizeInstance::defaults(),
+            json!({"mean": 0}),
+        )
+        .unwrap();
+        NormalizeInstance::build(&mut config).unwrap();
+        assert!(config.finish().unwrap_err().0.contains("`mean`"));
+    }
+}

@@ -1,0 +1,15 @@
+//! The ivado host runtime: plugin loading, data, training, inference, and the Rhai scripting surface.
+//! `docs/architecture.md` is the code map.
+pub mod bids;
+pub mod data;
+pub mod device;
+pub mod infer;
+pub mod metrics;
+pub mod model_folder;
+pub mod optim;
+pub mod phantom;
+pub mod pipeline;
+pub mod plugin;
+pub mod script;
+pub mod train;
+pub mod volume;

@@ -1,0 +1,503 @@
+//! The Rhai surface: experiment scripts call these host primitives. Plugins never see Rhai; everything a
+//! script can do is registered here.
+//!
+//! Errors from a primitive become Rhai runtime errors at the calling line, and [`run_file`] reports every
+//! error as `file:line:col: message`.
+use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
+use crate::data::{split_by_subject, SliceSet};
+use crate::model_folder;
+use crate::pipeline::Pipeline;
+use crate::plugin::{PluginModel, PluginRegistry, PluginTransform};
+use crate::train::{seed_everything, train, TrainConfig};
+use crate::{infer, metrics, phantom, volume};
+use anyhow::{anyhow, Context, Result};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use tch::Device;
+
+/// What scripts run against: the plugins found at start-up and the compute device.
+pub struct ScriptContext {
+    pub registry: PluginRegistry,
+    pub device: Device,
+    pub progress: bool,
+}
+
+/// A set of BIDS entries (a dataset or one part of a split).
+#[derive(Clone)]
+pub struct Dataset {
+    entries: Rc<Vec<BidsEntry>>,
+}
+
+#[derive(Clone)]
+pub struct TransformHandle(Arc<PluginTransform>);
+
+#[derive(Clone)]
+pub struct ModelHandle(Rc<PluginModel>);
+
+type ScriptResult<T> = std::result::Result<T, Box<EvalAltResult>>;
+
+fn script_error(error: anyhow::Error) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        format!("{error:#}").into(),
+        Position::NONE,
+    ))
+}
+
+/// Reads option `key` of an options map, converting with `convert`; missing keys give `default`.
+fn option<T>(
+    options: &Map,
+    key: &str,
+    default: T,
+    convert: impl FnOnce(&Dynamic) -> Option<T>,
+) -> ScriptResult<T> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(value) => convert(value).ok_or_else(|| {
+            script_error(anyhow!(
+                "option `{key}` has the wrong type ({}): {value}",
+                value.type_name()
+            ))
+        }),
+    }
+}
+
+fn number(value: &Dynamic) -> Option<f64> {
+    value
+        .as_float()
+        .ok()
+        .or_else(|| value.as_int().ok().map(|i| i as f64))
+}
+
+fn integer(value: &Dynamic) -> Option<i64> {
+    value.as_int().ok()
+}
+
+fn text(value: &Dynamic) -> Option<String> {
+    value.clone().into_string().ok()
+}
+
+/// Rejects option keys a primitive does not know, so a typo is an error at its line, not a silent default.
+fn check_keys(function: &str, options: &Map, known: &[&str]) -> ScriptResult<()> {
+    for key in options.keys() {
+        if !known.contains(&key.as_str()) {
+            return Err(script_error(anyhow!(
+                "{function}: unknown option `{key}` (known: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn to_json(value: &Dynamic) -> ScriptResult<serde_json::Value> {
+    rhai::serde::from_dynamic(value)
+        .map_err(|e| script_error(anyhow!("cannot convert to JSON: {e}")))
+}
+
+fn entry_map(entry: &BidsEntry) -> Map {
+    let mut map = Map::new();
+    map.insert("subject".into(), entry.subject.clone().into());
+    map.insert("contrast".into(), entry.contrast.clone().into());
+    map.insert("image".into(), entry.image.display().to_string().into());
+    map.insert(
+        "label".into(),
+        entry
+            .label
+            .as_ref()
+            .map(|l| Dynamic::from(l.display().to_string()))
+            .unwrap_or(Dynamic::UNIT),
+    );
+    map
+}
+
+fn transforms_of(array: &Array) -> ScriptResult<Pipeline> {
+    let steps = array
+        .iter()
+        .map(|item| {
+            item.clone()
+                .try_cast::<TransformHandle>()
+                .map(|t| t.0)
+                .ok_or_else(|| {
+                    script_error(anyhow!(
+                        "`preprocess` must be a list of transform(...) values"
+                    ))
+                })
+        })
+        .collect::<ScriptResult<Vec<_>>>()?;
+    Ok(Pipeline { steps })
+}
+
+fn dataset_option(options: &Map, key: &str) -> ScriptResult<Dataset> {
+    options
+        .get(key)
+        .and_then(|v| v.clone().try_cast::<Dataset>())
+        .ok_or_else(|| {
+            script_error(anyhow!(
+                "option `{key}` must be a dataset (from bids(...) or split(...))"
+            ))
+        })
+}
+
+/// Builds an engine with every primitive registered.
+pub fn engine(context: Rc<ScriptContext>) -> Engine {
+    let mut engine = Engine::new();
+    engine.set_max_expr_depths(128, 64);
+
+    engine.register_type_with_name::<Dataset>("Dataset");
+    engine.register_get("len", |d: &mut Dataset| d.entries.len() as i64);
+    engine.register_fn("len", |d: &mut Dataset| d.entries.len() as i64);
+    engine.register_fn("entries", |d: &mut Dataset| -> Array {
+        d.entries.iter().map(|e| entry_map(e).into()).collect()
+    });
+    engine.register_get("subjects", |d: &mut Dataset| -> Array {
+        let mut subjects: Vec<String> = d.entries.iter().map(|e| e.subject.clone()).collect();
+        subjects.dedup();
+        subjects.into_iter().map(Dynamic::from).collect()
+    });
+    engine.register_fn("to_string", |d: &mut Dataset| {
+        format!("Dataset({} images)", d.entries.len())
+    });
+
+    engine.register_type_with_name::<TransformHandle>("Transform");
+    engine.register_fn("to_string", |t: &mut TransformHandle| {
+        format!("Transform({} {})", t.0.name, t.0.config)
+    });
+
+    engine.register_type_with_name::<ModelHandle>("Model");
+    engine.register_get("parameter_count", |m: &mut ModelHandle| {
+        m.0.parameter_count()
+    });
+    engine.register_get("architecture", |m: &mut ModelHandle| {
+        m.0.architecture.clone()
+    });
+    engine.register_fn("to_string", |m: &mut ModelHandle| {
+        format!(
+            "Model({} from plugin `{}`, {} parameters)",
+            m.0.architecture,
+            m.0.library().name,
+            m.0.parameter_count()
+        )
+    });
+
+    engine.register_fn("seed", |seed: i64| seed_everything(seed as u64));
+
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn("device", move || crate::device::describe(context.device));
+    }
+
+    engine.register_fn(
+        "phantom_dataset",
+        |path: &str, options: Map| -> ScriptResult<String> {
+            check_keys(
+                "phantom_dataset",
+                &options,
+                &["subjects", "seed", "noise", "contrasts"],
+            )?;
+            let mut spec = phantom::PhantomSpec::default();
+            spec.subjects =
+                option(&options, "subjects", spec.subjects as i64, integer)?.max(1) as usize;
+            spec.seed = option(&options, "seed", spec.seed as i64, integer)? as u64;
+            spec.noise = option(&options, "noise", spec.noise, number)?;
+            if let Some(contrasts) = options.get("contrasts") {
+                spec.contrasts = contrasts
+                    .clone()
+                    .into_typed_array::<String>()
+                    .map_err(|_| {
+                        script_error(anyhow!("option `contrasts` must be a list of strings"))
+                    })?;
+            }
+            let root = Path::new(path);
+            if root.join("dataset_description.json").is_file() {
+                tracing::info!("using the phantom dataset already at {path}");
+            } else {
+                let files = phantom::generate(root, &spec).map_err(script_error)?;
+                tracing::info!("generated a phantom dataset at {path} ({files} files)");
+            }
+            Ok(path.to_owned())
+        },
+    );
+
+    engine.register_fn(
+        "bids",
+        |path: &str, options: Map| -> ScriptResult<Dataset> {
+            check_keys("bids", &options, &["target_suffix", "contrasts"])?;
+            let target_suffix = option(&options, "target_suffix", "_seg-manual".to_owned(), text)?;
+            let contrasts: Option<Vec<String>> = match options.get("contrasts") {
+                None => None,
+                Some(value) => Some(value.clone().into_typed_array::<String>().map_err(|_| {
+                    script_error(anyhow!("option `contrasts` must be a list of strings"))
+                })?),
+            };
+            let query = BidsQuery {
+                target_suffix: &target_suffix,
+                contrasts: contrasts.as_deref(),
+            };
+            let index = BidsIndex::scan(Path::new(path), &query).map_err(script_error)?;
+            let entries: Vec<BidsEntry> = index
+                .entries
+                .into_iter()
+                .filter(|e| e.label.is_some())
+                .collect();
+            if entries.is_empty() {
+                return Err(script_error(anyhow!(
+                    "{path}: no image has a `{target_suffix}` label"
+                )));
+            }
+            Ok(Dataset {
+                entries: Rc::new(entries),
+            })
+        },
+    );
+
+    engine.register_fn("split", |dataset: Dataset, options: Map| -> ScriptResult<Map> {
+        check_keys("split", &options, &["train_fraction", "test_fraction", "random_seed"])?;
+        let train_fraction = option(&options, "train_fraction", 0.6, number)?;
+        let test_fraction = option(&options, "test_fraction", 0.2, number)?;
+        let seed = option(&options, "random_seed", 6, integer)? as u64;
+        let valid_fraction = 1.0 - train_fraction - test_fraction;
+        if valid_fraction <= 0.0 {
+            return Err(script_error(anyhow!(
+                "split: train_fraction {train_fraction} + test_fraction {test_fraction} leaves nothing for validation"
+            )));
+        }
+        let split = split_by_subject(&dataset.entries, valid_fraction, test_fraction, seed).map_err(script_error)?;
+        let mut map = Map::new();
+        map.insert("train".into(), Dynamic::from(Dataset { entries: Rc::new(split.train) }));
+        map.insert("valid".into(), Dynamic::from(Dataset { entries: Rc::new(split.valid) }));
+        map.insert("test".into(), Dynamic::from(Dataset { entries: Rc::new(split.test) }));
+        Ok(map)
+    });
+
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "transform",
+            move |name: &str, options: Map| -> ScriptResult<TransformHandle> {
+                let config = to_json(&Dynamic::from_map(options))?;
+                let transform = context
+                    .registry
+                    .transform(name, &config)
+                    .map_err(script_error)?;
+                Ok(TransformHandle(Arc::new(transform)))
+            },
+        );
+    }
+
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "model",
+            move |architecture: &str, options: Map| -> ScriptResult<ModelHandle> {
+                let config = to_json(&Dynamic::from_map(options))?;
+                let model = context
+                    .registry
+                    .model(architecture, &config, context.device)
+                    .map_err(script_error)?;
+                Ok(ModelHandle(Rc::new(model)))
+            },
+        );
+    }
+
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn("train", move |model: ModelHandle, options: Map| -> ScriptResult<Map> {
+            check_keys(
+                "train",
+                &options,
+                &["train", "valid", "preprocess", "epochs", "batch_size", "learning_rate", "weight_decay", "seed", "out", "threshold"],
+            )?;
+            let train_set = dataset_option(&options, "train")?;
+            let valid_set = dataset_option(&options, "valid")?;
+            let pipeline = match options.get("preprocess") {
+                Some(value) => transforms_of(
+                    &value.clone().into_array().map_err(|_| script_error(anyhow!("`preprocess` must be a list")))?,
+                )?,
+                None => Pipeline::default(),
+            };
+            let config = TrainConfig {
+                epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
+                batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
+                learning_rate: option(&options, "learning_rate", 1e-3, number)?,
+                weight_decay: option(&options, "weight_decay", 0.0, number)?,
+                seed: option(&options, "seed", 0, integer)? as u64,
+                out_dir: PathBuf::from(option(&options, "out", "runs/experiment".to_owned(), text)?),
+                device: context.device,
+                threshold: option(&options, "threshold", 0.5, number)?,
+                progress: context.progress,
+            };
+            let train_slices = SliceSet::build(&train_set.entries, &pipeline, config.seed).map_err(script_error)?;
+            let valid_slices = SliceSet::build(&valid_set.entries, &pipeline, config.seed).map_err(script_error)?;
+            println!(
+                "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
+                model.0.architecture,
+                crate::device::describe(config.device),
+                model.0.parameter_count(),
+                train_slices.len(),
+                train_slices.volumes.len(),
+                valid_slices.len(),
+                valid_slices.volumes.len()
+            );
+            let contrasts: std::collections::BTreeSet<&str> = train_set.entries.iter().map(|e| e.contrast.as_str()).collect();
+            let data = json!({"slice_axis": "axial", "contrasts": contrasts, "seed": config.seed});
+            let report = train(&model.0, &pipeline, &train_slices, &valid_slices, &data, &config).map_err(script_error)?;
+            let history: Array = report
+                .history
+                .iter()
+                .map(|r| {
+                    let mut map = Map::new();
+                    map.insert("epoch".into(), (r.epoch as i64).into());
+                    map.insert("train_loss".into(), r.train_loss.into());
+                    map.insert("valid_loss".into(), r.valid_loss.into());
+                    map.insert("valid_dice".into(), r.valid_dice.into());
+                    map.into()
+                })
+                .collect();
+            let mut result = Map::new();
+            result.insert("best_dice".into(), report.best_dice.into());
+            result.insert("best_epoch".into(), (report.best_epoch as i64).into());
+            result.insert("model_dir".into(), report.model_dir.display().to_string().into());
+            result.insert("metrics_csv".into(), report.metrics_csv.display().to_string().into());
+            result.insert("history".into(), history.into());
+            Ok(result)
+        });
+    }
+
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "segment",
+            move |model_dir: &str, image: &str, out: &str| -> ScriptResult<String> {
+                let loaded =
+                    model_folder::load(Path::new(model_dir), &context.registry, context.device)
+                        .map_err(script_error)?;
+                let (source, soft) =
+                    infer::segment_volume(&loaded, Path::new(image), context.device, 16)
+                        .map_err(script_error)?;
+                let written = infer::write_segmentation(&source, &soft, Path::new(out), 0.5)
+                    .map_err(script_error)?;
+                Ok(written[0].display().to_string())
+            },
+        );
+    }
+
+    engine.register_fn(
+        "evaluate",
+        |prediction: &str, label: &str| -> ScriptResult<Map> {
+            let prediction = volume::read_volume(Path::new(prediction)).map_err(script_error)?;
+            let label = volume::read_volume(Path::new(label)).map_err(script_error)?;
+            if prediction.data.size() != label.data.size() {
+                return Err(script_error(anyhow!(
+                    "{} has shape {:?} but {} has {:?}",
+                    prediction.path.display(),
+                    prediction.data.size(),
+                    label.path.display(),
+                    label.data.size()
+                )));
+            }
+            let overlap = metrics::Overlap::of(&prediction.data, &label.data, 0.5);
+            let mut map = Map::new();
+            map.insert("dice".into(), overlap.dice().into());
+            let voxel_mm3: f64 = label.spacing.iter().product();
+            map.insert(
+                "predicted_mm3".into(),
+                ((overlap.true_positive + overlap.false_positive) * voxel_mm3).into(),
+            );
+            map.insert(
+                "label_mm3".into(),
+                ((overlap.true_positive + overlap.false_negative) * voxel_mm3).into(),
+            );
+            Ok(map)
+        },
+    );
+
+    engine.register_fn("write_csv", |path: &str, rows: Array| -> ScriptResult<()> {
+        let rows: Vec<Map> = rows
+            .into_iter()
+            .filter_map(|r| r.try_cast::<Map>())
+            .collect();
+        let Some(first) = rows.first() else {
+            return Err(script_error(anyhow!("write_csv: no rows")));
+        };
+        let columns: Vec<String> = first.keys().map(|k| k.to_string()).collect();
+        let mut csv = columns.join(",") + "\n";
+        for row in &rows {
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|c| {
+                    row.get(c.as_str())
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                })
+                .collect();
+            csv.push_str(&(cells.join(",") + "\n"));
+        }
+        model_folder::write_atomic(Path::new(path), csv.as_bytes()).map_err(script_error)
+    });
+
+    engine.register_fn("file_name", |path: &str| -> String {
+        Path::new(path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    engine
+}
+
+/// The innermost error and its position: an error inside a script function is wrapped once per call level.
+fn innermost(error: &EvalAltResult) -> (&EvalAltResult, Position) {
+    let mut current = error;
+    let mut position = error.position();
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, outer) = current {
+        if !inner.position().is_none() {
+            position = inner.position();
+        } else if !outer.is_none() {
+            position = *outer;
+        }
+        current = inner;
+    }
+    (current, position)
+}
+
+/// Formats a script error as `file:line:col: message`.
+pub fn format_error(path: &Path, error: &EvalAltResult) -> String {
+    let (inner, position) = innermost(error);
+    let message = match inner {
+        EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        other => {
+            // Rhai appends " (line L, position C)" to its own messages; we print the position up front.
+            let text = other.to_string();
+            match text.rfind(" (line ") {
+                Some(cut) => text[..cut].to_owned(),
+                None => text,
+            }
+        }
+    };
+    match (position.line(), position.position()) {
+        (Some(line), Some(column)) => format!("{}:{line}:{column}: {message}", path.display()),
+        (Some(line), None) => format!("{}:{line}: {message}", path.display()),
+        _ => format!("{}: {message}", path.display()),
+    }
+}
+
+/// Compiles and runs a script file, with `ARGS` bound to `args`.
+pub fn run_file(path: &Path, args: &[String], context: ScriptContext) -> Result<()> {
+    if !path.is_file() {
+        return Err(anyhow!("script {} not found", path.display()));
+    }
+    let engine = engine(Rc::new(context));
+    let ast = engine
+        .compile_file(path.to_owned())
+        .map_err(|e| anyhow!(format_error(path, &e)))?;
+    let mut scope = Scope::new();
+    let args: Array = args.iter().cloned().map(Dynamic::from).collect();
+    scope.push_constant("ARGS", args);
+    engine
+        .run_ast_with_scope(&mut scope, &ast)
+        .map_err(|e| anyhow!(format_error(path, &e)))
+        .context("script failed")?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The ivado plugin contract.
+//!
+//! Two layers:
+//! - [`abi`]: what actually crosses the boundary between the host and a plugin library. It is a versioned
+//!   `repr(C)` table of `extern "C"` functions, raw libtorch tensor handles and UTF-8 JSON. No Rust type with
+//!   an unstable layout crosses it, so a plugin keeps working across rustc and crate upgrades as long as the
+//!   ABI version and the libtorch build match.
+//! - The authoring layer ([`Architecture`], [`Transform`], [`Config`], [`Sample`], [`export_plugin!`]): safe
+//!   Rust on top of the ABI. A plugin author implements one trait per component and calls the export macro
+//!   once; they never write `unsafe`. Every entry point the macro exports catches panics inside the plugin and
+//!   returns them as error messages, because a panic cannot unwind across two Rust images.
+//!
+//! The host side (loading, checking the ABI record, calling the table) lives in `ivado-runtime`; the ABI
+//! types here are shared by both.
+
+pub mod abi;
+mod config;
+mod error;
+#[doc(hidden)]
+pub mod export;
+pub mod log;
+mod sample;
+
+pub use config::Config;
+pub use error::{PluginError, Result};
+pub use sample::Sample;
+pub use serde_json;
+pub use tch;
+
+/// A network architecture. The host owns training: it receives the parameters this architecture registers
+/// in its [`tch::nn::Path`], and runs its optimizer and checkpointing on them.
+pub trait Architecture: Send + 'static {
+    /// Name the host and scripts use to ask for this architecture, e.g. `"unet2d"`.
+    const NAME: &'static str;
+    /// One line saying what it is.
+    const SUMMARY: &'static str;
+
+    /// Every config key with its default value. Shown by `ivado plugins` and merged under a user's config.
+    fn defaults() -> serde_json::Value;
+
+    /// Builds the network, registering its parameters under `root`. Read every option through `config`; keys
+    /// left unread are reported to the user as unknown.
+    fn build(config: &mut Config, root: tch::nn::Path) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// Runs the network. `inputs[0]` is the image batch; further inputs (e.g. metadata) are architecture
+    /// specific. `train` switches dropout and batch-norm statistics.
+    fn forward(&self, inputs: &[tch::Tensor], train: bool) -> Result<tch::Tensor>;
+}
+
+/// A pre- or post-processing step over one [`Sample`]. Spatial transforms record what they did so the host
+/// can undo them on predictions; intensity transforms return `Value::Null` and undo as a no-op.
+pub trait Transform: Send + 'static {
+    const NAME: &'static str;
+    const SUMMARY: &'static str;
+
+    fn defaults() -> serde_json::Value;
+
+    fn build(config: &mut Config) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// Applies the transform in place. Random transforms draw only from `seed`, so the same seed gives the same
+    /// result on every machine and thread count. Returns the undo record.
+    fn apply(&self, sample: &mut Sample, seed: u64) -> Result<serde_json::Value>;
+
+    /// Reverts what [`Transform::apply`] did, given its record.
+    fn undo(&self, sample: &mut Sample, record: &serde_json::Value) -> Result<()>;
+}

@@ -1,0 +1,95 @@
+//! The `ivado` binary running Rhai scripts: arguments, and errors that point at the script line.
+use ivado_tests::artifact_dir;
+use std::path::Path;
+use std::process::Command;
+
+fn ivado(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(artifact_dir().join("ivado"))
+        .args(["--device", "cpu", "--no-progress"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ivado");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn scripts_receive_their_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "args.rhai",
+        "print(`args: ${ARGS.len()} ${ARGS[0]} ${ARGS[1]}`);\n",
+    );
+    let (ok, stdout, stderr) = ivado(&["run", &path, "alpha", "--beta"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "args: 2 alpha --beta");
+}
+
+#[test]
+fn a_syntax_error_is_reported_at_its_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(dir.path(), "broken.rhai", "let a = 1;\nlet b = (a + ;\n");
+    let (ok, _, stderr) = ivado(&["run", &path]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("{path}:2:")), "{stderr}");
+}
+
+#[test]
+fn a_primitive_error_is_reported_at_the_calling_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "// a comment\nlet t = transform(\"CenterCrop\", #{ size: [32, 32] });\nlet m =   model(\"unet2d\", #{ detph: 3 });\n";
+    let path = script(dir.path(), "bad_config.rhai", body);
+    let (ok, _, stderr) = ivado(&["run", &path]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("{path}:3:11:")), "{stderr}");
+    assert!(stderr.contains("unknown config key `detph`"), "{stderr}");
+}
+
+#[test]
+fn an_error_inside_a_script_function_points_inside_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "fn load(path) {\n    bids(path, #{ target_sufix: \"_seg\" })\n}\nload(\"/nonexistent\");\n";
+    let path = script(dir.path(), "in_fn.rhai", body);
+    let (ok, _, stderr) = ivado(&["run", &path]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("{path}:2:5:")), "{stderr}");
+    assert!(
+        stderr.contains("bids: unknown option `target_sufix`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plugins_command_lists_name_version_kind_and_components() {
+    let (ok, stdout, stderr) = ivado(&["plugins"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("unet 0.1.0  [architecture]"), "{stdout}");
+    assert!(stdout.contains("transforms 0.1.0  [transform]"), "{stdout}");
+    for component in ["unet2d", "CenterCrop", "NormalizeInstance", "Resample"] {
+        assert!(
+            stdout.contains(component),
+            "{component} missing from:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_device_is_refused() {
+    let output = Command::new(artifact_dir().join("ivado"))
+        .args(["--device", "tpu", "plugins"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown device `tpu`"));
+}
