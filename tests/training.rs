@@ -57,8 +57,11 @@ fn t2w(index: &BidsIndex, subject: &str) -> BidsEntry {
         .clone()
 }
 
-/// The header fields that decide where a volume sits in world space, as raw values.
-fn geometry(path: &Path) -> (Vec<u16>, Vec<f32>, i16, i16, Vec<f32>, Vec<f32>, u8) {
+/// The header fields that decide where a volume sits in world space, as raw values:
+/// (dim, pixdim, sform_code, qform_code, srow_x/y/z, quaternion and offsets, xyzt_units).
+type Geometry = (Vec<u16>, Vec<f32>, i16, i16, Vec<f32>, Vec<f32>, u8);
+
+fn geometry(path: &Path) -> Geometry {
     let header = nifti::NiftiHeader::from_file(path).unwrap();
     let mut srow = header.srow_x.to_vec();
     srow.extend(header.srow_y);
@@ -194,12 +197,8 @@ fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
         &config(out, 1, seed),
     )
     .unwrap();
-    std::fs::read(out.join("last").join(model_folder::WEIGHTS_FILE))
-        .map(|bytes| {
-            assert!(report.model_dir.is_dir());
-            bytes
-        })
-        .unwrap()
+    assert!(report.model_dir.is_dir());
+    std::fs::read(out.join("last").join(model_folder::WEIGHTS_FILE)).unwrap()
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl Adam {
                     continue;
                 }
                 if self.weight_decay != 0.0 {
-                    gradient = gradient + &*parameter * self.weight_decay;
+                    gradient += &*parameter * self.weight_decay;
                 }
                 let _ = m
                     .g_mul_scalar_(self.beta1)

@@ -375,7 +375,10 @@ pub struct PluginTransform {
     library: Arc<PluginLibrary>,
 }
 
+// SAFETY: the SDK requires transforms to be `Send + Sync` (`apply`/`undo` take `&self`), so the handle may be
+// shared between threads.
 unsafe impl Send for PluginTransform {}
+unsafe impl Sync for PluginTransform {}
 
 struct SampleBuilder {
     sample: Sample,

@@ -64,7 +64,7 @@ impl<A: Architecture> DynArchitecture for A {
     }
 }
 
-trait DynTransform: Send {
+trait DynTransform: Send + Sync {
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value>;
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()>;
 }

@@ -51,7 +51,8 @@ pub trait Architecture: Send + 'static {
 
 /// A pre- or post-processing step over one [`Sample`]. Spatial transforms record what they did so the host
 /// can undo them on predictions; intensity transforms return `Value::Null` and undo as a no-op.
-pub trait Transform: Send + 'static {
+/// Transforms are called through `&self` and may run on several loader threads at once, hence `Sync`.
+pub trait Transform: Send + Sync + 'static {
     const NAME: &'static str;
     const SUMMARY: &'static str;
 
