@@ -4,10 +4,14 @@ use std::path::Path;
 use std::process::Command;
 
 fn ivado(args: &[&str]) -> (bool, String, String) {
+    ivado_logging(args, "warn")
+}
+
+fn ivado_logging(args: &[&str], log: &str) -> (bool, String, String) {
     let output = Command::new(artifact_dir().join("ivado"))
         .args(["--device", "cpu", "--no-progress"])
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .output()
         .expect("run ivado");
     (
@@ -92,4 +96,31 @@ fn an_unknown_device_is_refused() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown device `tpu`"));
+}
+
+#[test]
+fn plugin_messages_reach_the_host_log_and_script_panics_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "set_device(\"cpu\");\nlet ok = model(\"panicky\", #{});\nlet boom = model(\"panicky\", #{ panic_in_build: true });\n";
+    let path = script(dir.path(), "panics.rhai", body);
+    let plugin = ivado_tests::fixture_library("panicky");
+    let (ok, _, stderr) = ivado_logging(
+        &["--plugin-dir", &plugin.display().to_string(), "run", &path],
+        "info",
+    );
+    assert!(!ok, "{stderr}");
+    // The plugin logs through the host's callback, tagged with its name.
+    assert!(
+        stderr.contains("building the panicky architecture"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("plugin=panicky") || stderr.contains("plugin: panicky"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("{path}:3:12:")), "{stderr}");
+    assert!(
+        stderr.contains("plugin panicked: deliberate panic while building"),
+        "{stderr}"
+    );
 }

@@ -71,6 +71,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
@@ -122,7 +123,7 @@ fn run(cli: Cli) -> Result<()> {
                 &args,
                 ScriptContext {
                     registry,
-                    device,
+                    device: device.into(),
                     progress,
                 },
             )

@@ -13,6 +13,7 @@ use crate::{infer, metrics, phantom, volume};
 use anyhow::{anyhow, Context, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 use serde_json::json;
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use tch::Device;
 /// What scripts run against: the plugins found at start-up and the compute device.
 pub struct ScriptContext {
     pub registry: PluginRegistry,
-    pub device: Device,
+    /// Set from `--device`; a script may change it with `set_device(...)`.
+    pub device: Cell<Device>,
     pub progress: bool,
 }
 
@@ -186,7 +188,18 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
 
     {
         let context = Rc::clone(&context);
-        engine.register_fn("device", move || crate::device::describe(context.device));
+        engine.register_fn("device", move || {
+            crate::device::describe(context.device.get())
+        });
+    }
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn("set_device", move |request: &str| -> ScriptResult<String> {
+            let request: crate::device::DeviceRequest = request.parse().map_err(script_error)?;
+            let device = crate::device::resolve(request).map_err(script_error)?;
+            context.device.set(device);
+            Ok(crate::device::describe(device))
+        });
     }
 
     engine.register_fn(
@@ -295,7 +308,7 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 let config = to_json(&Dynamic::from_map(options))?;
                 let model = context
                     .registry
-                    .model(architecture, &config, context.device)
+                    .model(architecture, &config, context.device.get())
                     .map_err(script_error)?;
                 Ok(ModelHandle(Rc::new(model)))
             },
@@ -325,7 +338,7 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 weight_decay: option(&options, "weight_decay", 0.0, number)?,
                 seed: option(&options, "seed", 0, integer)? as u64,
                 out_dir: PathBuf::from(option(&options, "out", "runs/experiment".to_owned(), text)?),
-                device: context.device,
+                device: context.device.get(),
                 threshold: option(&options, "threshold", 0.5, number)?,
                 progress: context.progress,
             };
@@ -371,11 +384,14 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         engine.register_fn(
             "segment",
             move |model_dir: &str, image: &str, out: &str| -> ScriptResult<String> {
-                let loaded =
-                    model_folder::load(Path::new(model_dir), &context.registry, context.device)
-                        .map_err(script_error)?;
+                let loaded = model_folder::load(
+                    Path::new(model_dir),
+                    &context.registry,
+                    context.device.get(),
+                )
+                .map_err(script_error)?;
                 let (source, soft) =
-                    infer::segment_volume(&loaded, Path::new(image), context.device, 16)
+                    infer::segment_volume(&loaded, Path::new(image), context.device.get(), 16)
                         .map_err(script_error)?;
                 let written = infer::write_segmentation(&source, &soft, Path::new(out), 0.5)
                     .map_err(script_error)?;

@@ -750,6 +750,7 @@ fn write_like_inner(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // no dots in the temp stem: the nifti writer re-derives the extension from the last dot
     let tmp = dir.join(format!(
         ".ivado-tmp-{}-{}{}",
