@@ -23,4 +23,6 @@ fn main() {
     }
     println!("cargo:rustc-env=IVADO_LIBTORCH_VERSION={version}");
     println!("cargo:rustc-env=IVADO_LIBTORCH_LIB={}", lib_dir.display());
+    // The SDK's own unit-test binary links libtorch too; torch-sys gives it no rpath.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
 }

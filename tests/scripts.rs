@@ -124,3 +124,43 @@ fn plugin_messages_reach_the_host_log_and_script_panics_name_the_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_quickstart_demo_trains_segments_and_writes_its_outputs() {
+    // The README's main job, shortened to 2 epochs: every promised output must appear.
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/quickstart.rhai");
+    let (ok, stdout, stderr) = ivado(&[
+        "run",
+        &script.display().to_string(),
+        &run.display().to_string(),
+        "2",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("valid Dice").count(), 2, "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    for file in [
+        "model/model.safetensors",
+        "model/ivado_model.json",
+        "last/optimizer.safetensors",
+        "evaluation.csv",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let predictions: Vec<_> = std::fs::read_dir(run.join("predictions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(predictions.len(), 4, "{predictions:?}");
+    assert!(
+        predictions
+            .iter()
+            .all(|name| name.to_string_lossy().ends_with("_pred.nii.gz")),
+        "{predictions:?}"
+    );
+    let evaluation = std::fs::read_to_string(run.join("evaluation.csv")).unwrap();
+    assert_eq!(evaluation.lines().count(), 5, "{evaluation}");
+}

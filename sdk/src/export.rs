@@ -444,7 +444,7 @@ unsafe extern "C" fn transform_drop(transform: *mut c_void) {
 
 /// Exports a plugin: its name, version and components.
 ///
-/// ```ignore
+/// ```text
 /// ivado_sdk::export_plugin! {
 ///     name: "unet",
 ///     version: env!("CARGO_PKG_VERSION"),
