@@ -8,7 +8,7 @@ use ivado_sdk::abi::{
     self, OwnedStr, PluginTable, SampleIn, SampleSink, Status, StrRef, TensorHandle, TensorSink,
 };
 use ivado_sdk::Sample;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -467,14 +467,14 @@ impl PluginTransform {
         })
     }
 
-    /// Applies the transform, returning the new sample and the undo record.
-    pub fn apply(&self, sample: &Sample, seed: u64) -> Result<(Sample, Value)> {
-        let args = SampleArgs::new(sample);
+    /// Calls a transform entry point that emits a sample, and collects that sample.
+    fn call_with_sink<T>(
+        &self,
+        what: &str,
+        body: impl FnOnce(SampleSink, *mut OwnedStr) -> (Status, T),
+    ) -> Result<(Sample, T)> {
         let mut builder = SampleBuilder {
-            sample: Sample {
-                tensors: Default::default(),
-                meta: Map::new(),
-            },
+            sample: Sample::new(),
             meta_error: None,
         };
         let sink = SampleSink {
@@ -482,9 +482,18 @@ impl PluginTransform {
             push_tensor: sink_tensor,
             set_meta: sink_meta,
         };
-        let undo = self
-            .library
-            .call(&format!("transform `{}`", self.name), |err| {
+        let value = self.library.call(what, |err| body(sink, err))?;
+        if let Some(error) = builder.meta_error {
+            bail!("plugin `{}`: {what}: {error}", self.library.name);
+        }
+        Ok((builder.sample, value))
+    }
+
+    /// Applies the transform, returning the new sample and the undo record.
+    pub fn apply(&self, sample: &Sample, seed: u64) -> Result<(Sample, Value)> {
+        let args = SampleArgs::new(sample);
+        let (sample, undo) =
+            self.call_with_sink(&format!("transform `{}`", self.name), |sink, err| {
                 let mut undo = OwnedStr::EMPTY;
                 let status = unsafe {
                     (self.library.table.transform_apply)(
@@ -499,35 +508,16 @@ impl PluginTransform {
                 (status, undo)
             })?;
         let undo = self.library.take_string(undo);
-        if let Some(error) = builder.meta_error {
-            bail!(
-                "plugin `{}`: transform `{}`: {error}",
-                self.library.name,
-                self.name
-            );
-        }
-        let record = serde_json::from_str(&undo).unwrap_or(Value::Null);
-        Ok((builder.sample, record))
+        Ok((sample, serde_json::from_str(&undo).unwrap_or(Value::Null)))
     }
 
     /// Reverts [`PluginTransform::apply`] on `sample` (typically a prediction) given its undo record.
     pub fn undo(&self, sample: &Sample, record: &Value) -> Result<Sample> {
         let args = SampleArgs::new(sample);
         let record = record.to_string();
-        let mut builder = SampleBuilder {
-            sample: Sample {
-                tensors: Default::default(),
-                meta: Map::new(),
-            },
-            meta_error: None,
-        };
-        let sink = SampleSink {
-            ctx: (&mut builder as *mut SampleBuilder).cast(),
-            push_tensor: sink_tensor,
-            set_meta: sink_meta,
-        };
-        self.library
-            .call(&format!("undoing transform `{}`", self.name), |err| {
+        let (sample, ()) = self.call_with_sink(
+            &format!("undoing transform `{}`", self.name),
+            |sink, err| {
                 let status = unsafe {
                     (self.library.table.transform_undo)(
                         self.handle,
@@ -538,15 +528,9 @@ impl PluginTransform {
                     )
                 };
                 (status, ())
-            })?;
-        if let Some(error) = builder.meta_error {
-            bail!(
-                "plugin `{}`: transform `{}`: {error}",
-                self.library.name,
-                self.name
-            );
-        }
-        Ok(builder.sample)
+            },
+        )?;
+        Ok(sample)
     }
 }
 

@@ -203,16 +203,28 @@ fn device_from_code(code: DeviceCode) -> Device {
     }
 }
 
-fn unknown_component(kind: &str, name: &str, known: Vec<&str>) -> PluginError {
-    PluginError(format!(
-        "plugin `{}` has no {kind} named `{name}` (it has: {})",
-        registry().name,
-        if known.is_empty() {
-            "none".to_owned()
-        } else {
-            known.join(", ")
-        }
-    ))
+/// The registered component called `name`, or an error listing the ones this plugin has.
+fn find_entry<'a, E>(
+    entries: &'a [E],
+    name_of: fn(&E) -> &'static str,
+    kind: &str,
+    name: &str,
+) -> Result<&'a E> {
+    entries
+        .iter()
+        .find(|entry| name_of(entry) == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = entries.iter().map(name_of).collect();
+            PluginError(format!(
+                "plugin `{}` has no {kind} named `{name}` (it has: {})",
+                registry().name,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })
 }
 
 unsafe extern "C" fn model_create(
@@ -224,17 +236,7 @@ unsafe extern "C" fn model_create(
 ) -> Status {
     guard(err, || {
         let name = unsafe { name.as_str() };
-        let entry = registry()
-            .architectures
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| {
-                unknown_component(
-                    "architecture",
-                    name,
-                    registry().architectures.iter().map(|a| a.name).collect(),
-                )
-            })?;
+        let entry = find_entry(&registry().architectures, |a| a.name, "architecture", name)?;
         let user = parse_config(name, unsafe { config_json.as_str() })?;
         let mut config = Config::new(name, (entry.defaults)(), user)?;
         let store = nn::VarStore::new(device_from_code(device));
@@ -337,17 +339,7 @@ unsafe extern "C" fn transform_create(
 ) -> Status {
     guard(err, || {
         let name = unsafe { name.as_str() };
-        let entry = registry()
-            .transforms
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| {
-                unknown_component(
-                    "transform",
-                    name,
-                    registry().transforms.iter().map(|t| t.name).collect(),
-                )
-            })?;
+        let entry = find_entry(&registry().transforms, |t| t.name, "transform", name)?;
         let user = parse_config(name, unsafe { config_json.as_str() })?;
         let mut config = Config::new(name, (entry.defaults)(), user)?;
         let transform = (entry.build)(&mut config)?;
