@@ -84,9 +84,9 @@ pub fn load_pair(entry: &BidsEntry) -> Result<(Volume, Volume)> {
         bail!(
             "image {} has shape {:?} but its label {} has shape {:?}",
             entry.image.display(),
-            file_shape(&image),
+            image.reorientation.file_shape,
             label_path.display(),
-            file_shape(&label)
+            label.reorientation.file_shape
         );
     }
     let worst = image
@@ -104,15 +104,6 @@ pub fn load_pair(entry: &BidsEntry) -> Result<(Volume, Volume)> {
         );
     }
     Ok((image, label))
-}
-
-/// The shape as stored in the file, for messages.
-fn file_shape(volume: &Volume) -> Vec<i64> {
-    let dim = volume.header.dim;
-    dim[1..=dim[0].clamp(1, 7) as usize]
-        .iter()
-        .map(|&d| d as i64)
-        .collect()
 }
 
 /// The axial slices of one volume as samples: `image` `[1, X, Y]` plus `label` when given.

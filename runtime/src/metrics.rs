@@ -32,6 +32,28 @@ impl Overlap {
         }
     }
 
+    /// One overlap per item of a batch (dimension 0), read back from the device in a single transfer.
+    pub fn per_item(prediction: &Tensor, target: &Tensor, threshold: f64) -> Vec<Self> {
+        let batch = prediction.size()[0];
+        let p = prediction
+            .ge(threshold)
+            .to_kind(Kind::Double)
+            .reshape([batch, -1]);
+        let t = target.ge(0.5).to_kind(Kind::Double).reshape([batch, -1]);
+        let sum = |x: &Tensor| x.sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
+        let counts =
+            Tensor::stack(&[sum(&(&p * &t)), sum(&p), sum(&t)], 1).to_device(tch::Device::Cpu);
+        let counts = Vec::<f64>::try_from(counts.reshape([-1])).unwrap_or_default();
+        counts
+            .chunks_exact(3)
+            .map(|c| Self {
+                true_positive: c[0],
+                false_positive: c[1] - c[0],
+                false_negative: c[2] - c[0],
+            })
+            .collect()
+    }
+
     pub fn add(&mut self, other: Overlap) {
         self.true_positive += other.true_positive;
         self.false_positive += other.false_positive;
@@ -81,5 +103,22 @@ mod tests {
         );
         assert_eq!(overlap.dice(), 0.5);
         assert_eq!(Overlap::default().dice(), 1.0);
+        // Per item: the same two vectors as a batch of 2 rows, each row counted on its own.
+        let batch = Overlap::per_item(&p.reshape([2, 2]), &t.reshape([2, 2]), 0.5);
+        assert_eq!(
+            batch,
+            vec![
+                Overlap {
+                    true_positive: 1.0,
+                    false_positive: 1.0,
+                    false_negative: 0.0
+                },
+                Overlap {
+                    true_positive: 0.0,
+                    false_positive: 0.0,
+                    false_negative: 1.0
+                },
+            ]
+        );
     }
 }

@@ -26,8 +26,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", temporary.display(), path.display()))
 }
 
+/// Writes named tensors as safetensors (from CPU, whatever device they live on), atomically.
+pub fn write_safetensors_atomic<S: AsRef<str>, T: std::borrow::Borrow<Tensor>>(
+    path: &Path,
+    tensors: &[(S, T)],
+) -> Result<()> {
+    let on_cpu: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(name, tensor)| {
+            (
+                name.as_ref(),
+                tensor.borrow().detach().to_device(Device::Cpu).contiguous(),
+            )
+        })
+        .collect();
+    let temporary = temporary_sibling(path);
+    Tensor::write_safetensors(&on_cpu, &temporary)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
+}
+
 /// A unique temporary name next to `path`.
-pub fn temporary_sibling(path: &Path) -> PathBuf {
+fn temporary_sibling(path: &Path) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path
@@ -47,22 +67,12 @@ pub fn save(
 ) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating model folder {}", dir.display()))?;
-    let weights: Vec<(String, Tensor)> = model
+    let weights: Vec<(&str, &Tensor)> = model
         .parameters
         .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                p.tensor.detach().to_device(Device::Cpu).contiguous(),
-            )
-        })
+        .map(|p| (p.name.as_str(), &p.tensor))
         .collect();
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let temporary = temporary_sibling(&weights_path);
-    Tensor::write_safetensors(&weights, &temporary)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, &weights_path)
-        .with_context(|| format!("writing {}", weights_path.display()))?;
+    write_safetensors_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
     let library = model.library();
     let description = json!({
         "format": "ivado-model-folder/1",

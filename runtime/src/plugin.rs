@@ -248,7 +248,6 @@ pub struct PluginModel {
     pub architecture: String,
     /// The config the user asked for (defaults not merged in).
     pub config: Value,
-    pub device: Device,
     pub parameters: Vec<NamedTensor>,
     // Declared last: the library outlives the handle and the parameters.
     library: Arc<PluginLibrary>,
@@ -299,7 +298,6 @@ impl PluginModel {
             handle,
             architecture: architecture.to_owned(),
             config: config.clone(),
-            device,
             parameters: Vec::new(),
             library,
         };

@@ -143,6 +143,35 @@ fn dataset_option(options: &Map, key: &str) -> ScriptResult<Dataset> {
         })
 }
 
+/// A model folder loaded once (network, weights and preprocessing) for repeated segmentation.
+#[derive(Clone)]
+pub struct TrainedModel(Rc<model_folder::LoadedModel>);
+
+fn load_trained(context: &ScriptContext, model_dir: &str) -> ScriptResult<TrainedModel> {
+    model_folder::load(
+        Path::new(model_dir),
+        &context.registry,
+        context.device.get(),
+    )
+    .map(|loaded| TrainedModel(Rc::new(loaded)))
+    .map_err(script_error)
+}
+
+/// Segments `image` and writes the binary mask to `out`; returns the path written.
+fn segment_to_file(
+    context: &ScriptContext,
+    model: &TrainedModel,
+    image: &str,
+    out: &str,
+) -> ScriptResult<String> {
+    let device = context.device.get();
+    let (source, soft) =
+        infer::segment_volume(&model.0, Path::new(image), device, 16).map_err(script_error)?;
+    let written =
+        infer::write_segmentation(&source, &soft, Path::new(out), 0.5).map_err(script_error)?;
+    Ok(written[0].display().to_string())
+}
+
 /// Builds an engine with every primitive registered.
 pub fn engine(context: Rc<ScriptContext>) -> Engine {
     let mut engine = Engine::new();
@@ -379,23 +408,32 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         });
     }
 
+    engine.register_type_with_name::<TrainedModel>("TrainedModel");
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "load_model",
+            move |model_dir: &str| -> ScriptResult<TrainedModel> {
+                load_trained(&context, model_dir)
+            },
+        );
+    }
     {
         let context = Rc::clone(&context);
         engine.register_fn(
             "segment",
+            move |model: TrainedModel, image: &str, out: &str| -> ScriptResult<String> {
+                segment_to_file(&context, &model, image, out)
+            },
+        );
+    }
+    {
+        // Convenience for one-off calls; loops should call load_model once and pass the result.
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "segment",
             move |model_dir: &str, image: &str, out: &str| -> ScriptResult<String> {
-                let loaded = model_folder::load(
-                    Path::new(model_dir),
-                    &context.registry,
-                    context.device.get(),
-                )
-                .map_err(script_error)?;
-                let (source, soft) =
-                    infer::segment_volume(&loaded, Path::new(image), context.device.get(), 16)
-                        .map_err(script_error)?;
-                let written = infer::write_segmentation(&source, &soft, Path::new(out), 0.5)
-                    .map_err(script_error)?;
-                Ok(written[0].display().to_string())
+                segment_to_file(&context, &load_trained(&context, model_dir)?, image, out)
             },
         );
     }

@@ -67,13 +67,12 @@ pub fn evaluate(
             let predictions = model.forward(&[&images], false)?;
             loss_sum += dice_loss(&predictions, &labels, 1.0).double_value(&[]);
             batches += 1;
-            for (offset, &index) in chunk.iter().enumerate() {
-                let volume = set.volume_of_slice[index as usize];
-                overlaps[volume].add(Overlap::of(
-                    &predictions.get(offset as i64),
-                    &labels.get(offset as i64),
-                    threshold,
-                ));
+            for (&index, overlap) in
+                chunk
+                    .iter()
+                    .zip(Overlap::per_item(&predictions, &labels, threshold))
+            {
+                overlaps[set.volume_of_slice[index as usize]].add(overlap);
             }
         }
         Ok(())
@@ -188,11 +187,10 @@ pub fn train(
             model_folder::save(&model_dir, model, pipeline, data, &training("best"))?;
         }
         model_folder::save(&last_dir, model, pipeline, data, &training("last"))?;
-        let optimizer_state = optimizer.state();
-        let optimizer_path = last_dir.join("optimizer.safetensors");
-        let temporary = model_folder::temporary_sibling(&optimizer_path);
-        tch::Tensor::write_safetensors(&optimizer_state, &temporary)?;
-        std::fs::rename(&temporary, &optimizer_path)?;
+        model_folder::write_safetensors_atomic(
+            &last_dir.join("optimizer.safetensors"),
+            &optimizer.state(),
+        )?;
     }
     let (best_epoch, best_dice) = best.expect("at least one epoch");
     Ok(TrainReport {

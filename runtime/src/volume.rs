@@ -75,15 +75,6 @@ pub struct Reorientation {
 }
 
 impl Reorientation {
-    /// No permutation, no flip.
-    pub fn identity(file_shape: [usize; 3]) -> Self {
-        Reorientation {
-            perm: [0, 1, 2],
-            flip: [false; 3],
-            file_shape,
-        }
-    }
-
     /// The reorientation to the closest canonical (RAS+) orientation of a voxel->world affine, following
     /// nibabel's `io_orientation`: take the orthogonal matrix closest to the affine's rotation part (polar
     /// decomposition), then for each voxel axis in turn pick the world axis with the largest absolute
@@ -459,7 +450,7 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
     )?;
     drop(raw);
 
-    let (file_affine, _source) = best_affine(&header, file_shape, path);
+    let file_affine = best_affine(&header, file_shape, path);
     let reorientation =
         Reorientation::from_affine(&file_affine, file_shape).with_context(|| {
             format!("cannot orient the volume (file axcodes unknown), affine {file_affine:?}")
@@ -544,41 +535,25 @@ fn decode_to_f32(
     })
 }
 
-/// Which header field the affine came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AffineSource {
-    Sform,
-    Qform,
-    Base,
-}
-
 /// The voxel->world affine of the file's voxel order, chosen like nibabel's `get_best_affine`: sform if
 /// `sform_code > 0`, else qform if `qform_code > 0`, else the pixdim-scaled base affine. A degenerate
 /// (non-finite or singular) sform/qform is skipped with a warning. Never panics.
-pub fn header_affine(header: &NiftiHeader, file_shape: [usize; 3]) -> (Affine, AffineSource) {
-    best_affine(header, file_shape, Path::new("<header>"))
-}
-
-fn best_affine(
-    header: &NiftiHeader,
-    file_shape: [usize; 3],
-    path: &Path,
-) -> (Affine, AffineSource) {
+fn best_affine(header: &NiftiHeader, file_shape: [usize; 3], path: &Path) -> Affine {
     if header.sform_code > 0 {
         let a = sform_affine(header);
         if Reorientation::from_affine(&a, file_shape).is_ok() {
-            return (a, AffineSource::Sform);
+            return a;
         }
         tracing::warn!(file = %path.display(), "degenerate sform {a:?} ignored");
     }
     if header.qform_code > 0 {
         let a = qform_affine(header);
         if Reorientation::from_affine(&a, file_shape).is_ok() {
-            return (a, AffineSource::Qform);
+            return a;
         }
         tracing::warn!(file = %path.display(), "degenerate qform {a:?} ignored");
     }
-    (base_affine(header, file_shape), AffineSource::Base)
+    base_affine(header, file_shape)
 }
 
 fn sform_affine(h: &NiftiHeader) -> Affine {
