@@ -1,6 +1,7 @@
 //! The plugin contract end to end: real `.so` files loaded through the host loader, every failure mode
 //! reported as an error naming the file, and a plugin network checked against the same network computed here.
 use ivado_runtime::plugin::{PluginLibrary, PluginRegistry, SearchPath};
+use ivado_sdk::Mode;
 use ivado_tests::{artifact_dir, fixture_library};
 use serde_json::json;
 use std::sync::Arc;
@@ -199,7 +200,7 @@ fn a_panicking_plugin_reports_the_panic_and_the_process_survives() {
     let input = Tensor::ones([2, 5], (Kind::Float, Device::Cpu));
     for _ in 0..2 {
         // A libtorch shape error inside the plugin: reported with its first line only, not the C++ backtrace.
-        let error = model.forward(&[&input], false).err().unwrap().to_string();
+        let error = model.forward(&[&input], Mode::Eval).err().unwrap().to_string();
         assert!(
             error.contains("plugin `panicky`") && error.contains("plugin panicked:"),
             "{error}"
@@ -303,7 +304,7 @@ fn plugin_unet_matches_the_same_network_computed_directly() {
         .collect();
     // 37x45 is not a multiple of 8: exercises the upsample-to-skip-size path.
     let input = Tensor::randn([2, 1, 37, 45], (Kind::Float, Device::Cpu));
-    let from_plugin = tch::no_grad(|| model.forward(&[&input], false)).unwrap();
+    let from_plugin = tch::no_grad(|| model.forward(&[&input], Mode::Eval)).unwrap();
     let direct = tch::no_grad(|| reference_unet(&params, &input, 3));
     assert_eq!(from_plugin.size(), vec![2, 1, 37, 45]);
     let max_diff = (&from_plugin - &direct).abs().max().double_value(&[]);
@@ -338,7 +339,7 @@ fn multiclass_unet_drops_the_background_channel() {
     let output = tch::no_grad(|| {
         model.forward(
             &[&Tensor::randn([1, 1, 16, 16], (Kind::Float, Device::Cpu))],
-            false,
+            Mode::Eval,
         )
     })
     .unwrap();

@@ -4,7 +4,7 @@ use crate::data::axial_samples;
 use crate::model_folder::LoadedModel;
 use crate::volume::{read_volume, write_like, OutputType, Volume};
 use anyhow::{bail, Context, Result};
-use ivado_sdk::Sample;
+use ivado_sdk::{Mode, Sample};
 use std::path::Path;
 use tch::{Device, Tensor};
 
@@ -33,7 +33,7 @@ pub fn segment_volume(
             let batch = Tensor::stack(chunk, 0).to_device(device);
             let predictions = loaded
                 .model
-                .forward(&[&batch], false)?
+                .forward(&[&batch], Mode::Eval)?
                 .to_device(Device::Cpu);
             outputs.extend((0..predictions.size()[0]).map(|i| predictions.get(i)));
         }

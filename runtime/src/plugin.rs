@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ivado_sdk::abi::{
     self, OwnedStr, PluginTable, SampleIn, SampleSink, Status, StrRef, TensorHandle, TensorSink,
 };
-use ivado_sdk::Sample;
+use ivado_sdk::{Mode, Sample};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::ffi::c_void;
@@ -321,7 +321,7 @@ impl PluginModel {
     }
 
     /// Runs the network. Errors (bad shapes, panics) come back as messages naming the plugin.
-    pub fn forward(&self, inputs: &[&Tensor], train: bool) -> Result<Tensor> {
+    pub fn forward(&self, inputs: &[&Tensor], mode: Mode) -> Result<Tensor> {
         let handles: Vec<TensorHandle> =
             inputs.iter().map(|t| t.as_ptr() as TensorHandle).collect();
         let output = self
@@ -333,7 +333,7 @@ impl PluginModel {
                         self.handle,
                         handles.as_ptr(),
                         handles.len(),
-                        train as u8,
+                        mode as u8,
                         &mut out,
                         err,
                     )

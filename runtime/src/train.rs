@@ -7,6 +7,7 @@ use crate::optim::Adam;
 use crate::pipeline::{derive_seed, Pipeline};
 use crate::plugin::PluginModel;
 use anyhow::{bail, Result};
+use ivado_sdk::Mode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -64,7 +65,7 @@ pub fn evaluate(
     tch::no_grad(|| -> Result<()> {
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = set.batch(chunk, device);
-            let predictions = model.forward(&[&images], false)?;
+            let predictions = model.forward(&[&images], Mode::Eval)?;
             loss_sum += dice_loss(&predictions, &labels, 1.0).double_value(&[]);
             batches += 1;
             for (&index, overlap) in
@@ -141,7 +142,7 @@ pub fn train(
         let mut loss_sum = 0.0;
         for chunk in order.chunks(batch_size) {
             let (images, labels) = train.batch(chunk, config.device);
-            let predictions = model.forward(&[&images], true)?;
+            let predictions = model.forward(&[&images], Mode::Train)?;
             let loss = dice_loss(&predictions, &labels, 1.0);
             optimizer.zero_grad();
             loss.backward();

@@ -17,7 +17,7 @@
 use std::ffi::c_void;
 
 /// Bumped on any change to [`PluginTable`] after its first field.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The one symbol a plugin exports, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"ivado_plugin_entry\0";
@@ -185,7 +185,7 @@ pub struct SampleSink {
 /// Device code for `model_create`: -1 is CPU, n >= 0 is CUDA device n.
 pub type DeviceCode = i64;
 
-/// The plugin table, ABI version 1.
+/// The plugin table, ABI version 2 (2 replaced forward's `train` flag with a [`crate::Mode`] code).
 #[repr(C)]
 pub struct PluginTable {
     /// Must stay the first field.
@@ -212,7 +212,7 @@ pub struct PluginTable {
         model: *mut c_void,
         inputs: *const TensorHandle,
         n_inputs: usize,
-        train: u8,
+        mode: u8, // a crate::Mode
         out: *mut TensorHandle,
         err: *mut OwnedStr,
     ) -> Status,

@@ -3,7 +3,7 @@
 //! turns them, and every error, into a message for the host.
 use crate::abi::*;
 use crate::error::first_line;
-use crate::{Architecture, Config, PluginError, Result, Sample, Transform};
+use crate::{Architecture, Config, Mode, PluginError, Result, Sample, Transform};
 use serde_json::{json, Map, Value};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -55,12 +55,12 @@ impl TransformEntry {
 }
 
 trait DynArchitecture: Send {
-    fn forward(&self, inputs: &[Tensor], train: bool) -> Result<Tensor>;
+    fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Tensor>;
 }
 
 impl<A: Architecture> DynArchitecture for A {
-    fn forward(&self, inputs: &[Tensor], train: bool) -> Result<Tensor> {
-        Architecture::forward(self, inputs, train)
+    fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Tensor> {
+        Architecture::forward(self, inputs, mode)
     }
 }
 
@@ -261,9 +261,7 @@ unsafe extern "C" fn model_parameters(
 ) -> Status {
     guard(err, || {
         let instance = unsafe { &*(model as *const ModelInstance) };
-        let mut variables: Vec<(String, Tensor)> = instance.store.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, tensor) in variables {
+        for (name, tensor) in creation_order(&instance.store) {
             let flags = if tensor.requires_grad() {
                 TENSOR_TRAINABLE
             } else {
@@ -280,6 +278,32 @@ unsafe extern "C" fn model_parameters(
         }
         Ok(())
     })
+}
+
+/// The store's tensors in the order the architecture created them, which is the order of its layers (what
+/// transfer learning's "first fraction of the layers" means). tch keeps trainable variables in creation order
+/// but buffers only by name, so each buffer goes right after the last parameter of its module.
+fn creation_order(store: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = store.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut ordered: Vec<(String, Tensor)> = Vec::with_capacity(named.len());
+    for parameter in store.trainable_variables() {
+        if let Some(index) = named
+            .iter()
+            .position(|(_, t)| t.data_ptr() == parameter.data_ptr() && t.size() == parameter.size())
+        {
+            ordered.push(named.remove(index));
+        }
+    }
+    let module = |name: &str| name.rsplit_once('.').map_or("", |(m, _)| m).to_owned();
+    for (name, tensor) in named {
+        let owner = module(&name);
+        match ordered.iter().rposition(|(n, _)| module(n) == owner) {
+            Some(last) => ordered.insert(last + 1, (name, tensor)),
+            None => ordered.push((name, tensor)),
+        }
+    }
+    ordered
 }
 
 /// Owned shallow clones of borrowed handles.
@@ -307,7 +331,7 @@ unsafe extern "C" fn model_forward(
     model: *mut c_void,
     inputs: *const TensorHandle,
     n_inputs: usize,
-    train: u8,
+    mode: u8,
     out: *mut TensorHandle,
     err: *mut OwnedStr,
 ) -> Status {
@@ -317,7 +341,9 @@ unsafe extern "C" fn model_forward(
         if inputs.is_empty() {
             return Err(PluginError::new("forward needs at least one input tensor"));
         }
-        let output = instance.network.forward(&inputs, train != 0)?;
+        let mode = Mode::from_code(mode)
+            .ok_or_else(|| PluginError(format!("unknown forward mode {mode}")))?;
+        let output = instance.network.forward(&inputs, mode)?;
         unsafe { out.write(into_handle(output)) };
         Ok(())
     })

@@ -44,9 +44,44 @@ pub trait Architecture: Send + 'static {
     where
         Self: Sized;
 
-    /// Runs the network. `inputs[0]` is the image batch; further inputs (e.g. metadata) are architecture
-    /// specific. `train` switches dropout and batch-norm statistics.
-    fn forward(&self, inputs: &[tch::Tensor], train: bool) -> Result<tch::Tensor>;
+    /// Runs the network. `inputs[0]` is the image batch; further inputs (e.g. FiLM metadata, HeMIS
+    /// modality masks) are architecture specific. `mode` says whether dropout is on and which batch-norm
+    /// statistics to use.
+    fn forward(&self, inputs: &[tch::Tensor], mode: Mode) -> Result<tch::Tensor>;
+}
+
+/// How a forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Inference: dropout off, batch-norm uses its running statistics.
+    Eval = 0,
+    /// Training: dropout on, batch-norm normalises with (and updates) batch statistics.
+    Train = 1,
+    /// Monte-Carlo dropout for epistemic uncertainty: dropout on, everything else as in `Eval`.
+    McDropout = 2,
+}
+
+impl Mode {
+    /// Whether dropout layers drop.
+    pub fn dropout(self) -> bool {
+        matches!(self, Mode::Train | Mode::McDropout)
+    }
+
+    /// Whether normalisation layers use batch statistics (and update running ones).
+    pub fn batch_statistics(self) -> bool {
+        self == Mode::Train
+    }
+
+    /// The ABI encoding.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Mode::Eval),
+            1 => Some(Mode::Train),
+            2 => Some(Mode::McDropout),
+            _ => None,
+        }
+    }
 }
 
 /// A pre- or post-processing step over one [`Sample`]. Spatial transforms record what they did so the host

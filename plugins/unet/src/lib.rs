@@ -7,7 +7,7 @@
 //! blocks at 0, 2, 4, ...
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{nn, Tensor};
-use ivado_sdk::{Architecture, Config, PluginError, Result};
+use ivado_sdk::{Architecture, Config, Mode, PluginError, Result};
 
 /// Two 3x3 convolutions, each followed by ReLU, batch-norm and channel dropout (ivadomed's `DownConv`).
 struct ConvBlock {
@@ -37,17 +37,17 @@ impl ConvBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
         use nn::{Module, ModuleT};
         let x = self.conv1.forward(x).relu();
         let x = self
             .conv1_bn
-            .forward_t(&x, train)
-            .feature_dropout(self.dropout, train);
+            .forward_t(&x, mode.batch_statistics())
+            .feature_dropout(self.dropout, mode.dropout());
         let x = self.conv2.forward(&x).relu();
         self.conv2_bn
-            .forward_t(&x, train)
-            .feature_dropout(self.dropout, train)
+            .forward_t(&x, mode.batch_statistics())
+            .feature_dropout(self.dropout, mode.dropout())
     }
 }
 
@@ -185,7 +185,7 @@ impl Architecture for Unet2d {
         })
     }
 
-    fn forward(&self, inputs: &[Tensor], train: bool) -> Result<Tensor> {
+    fn forward(&self, inputs: &[Tensor], mode: Mode) -> Result<Tensor> {
         use nn::Module;
         let x = &inputs[0];
         let size = x.size();
@@ -204,18 +204,18 @@ impl Architecture for Unet2d {
         let mut features = Vec::with_capacity(self.down.len());
         let mut x = x.shallow_clone();
         for block in &self.down {
-            let skip = block.forward(&x, train);
+            let skip = block.forward(&x, mode);
             x = skip.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?;
             features.push(skip);
         }
-        x = self.bottom.forward(&x, train);
+        x = self.bottom.forward(&x, mode);
         for (block, skip) in self.up.iter().zip(features.iter().rev()) {
             let skip_size = skip.size();
             let upsampled =
                 x.f_upsample_bilinear2d([skip_size[2], skip_size[3]], true, None, None)?;
             x = block.forward(
                 &Tensor::f_cat(&[upsampled, skip.shallow_clone()], 1)?,
-                train,
+                mode,
             );
         }
         let logits = self.last_conv.forward(&x);
