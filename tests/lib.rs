@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests in this crate.
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// `target/<profile>`: where cargo put the plugin and fixture libraries next to the test binaries' `deps/`.
 pub fn artifact_dir() -> PathBuf {
@@ -27,4 +28,20 @@ pub fn shared_data(relative: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs the built `ivado` binary on the CPU without progress bars; returns (success, stdout, stderr).
+/// `log` is the RUST_LOG filter.
+pub fn run_ivado(args: &[&str], log: &str) -> (bool, String, String) {
+    let output = Command::new(artifact_dir().join("ivado"))
+        .args(["--device", "cpu", "--no-progress"])
+        .args(args)
+        .env("RUST_LOG", log)
+        .output()
+        .expect("run ivado");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }

@@ -200,7 +200,11 @@ fn a_panicking_plugin_reports_the_panic_and_the_process_survives() {
     let input = Tensor::ones([2, 5], (Kind::Float, Device::Cpu));
     for _ in 0..2 {
         // A libtorch shape error inside the plugin: reported with its first line only, not the C++ backtrace.
-        let error = model.forward(&[&input], Mode::Eval).err().unwrap().to_string();
+        let error = model
+            .forward(&[&input], Mode::Eval)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             error.contains("plugin `panicky`") && error.contains("plugin panicked:"),
             "{error}"

@@ -1,5 +1,5 @@
 //! The `ivado` binary running Rhai scripts: arguments, and errors that point at the script line.
-use ivado_tests::artifact_dir;
+use ivado_tests::{artifact_dir, run_ivado};
 use std::path::Path;
 use std::process::Command;
 
@@ -8,17 +8,7 @@ fn ivado(args: &[&str]) -> (bool, String, String) {
 }
 
 fn ivado_logging(args: &[&str], log: &str) -> (bool, String, String) {
-    let output = Command::new(artifact_dir().join("ivado"))
-        .args(["--device", "cpu", "--no-progress"])
-        .args(args)
-        .env("RUST_LOG", log)
-        .output()
-        .expect("run ivado");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into(),
-        String::from_utf8_lossy(&output.stderr).into(),
-    )
+    run_ivado(args, log)
 }
 
 fn script(dir: &Path, name: &str, body: &str) -> String {

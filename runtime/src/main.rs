@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::script::{run_file, ScriptContext};
-use ivado_runtime::{infer, model_folder};
+use ivado_runtime::{infer, model_folder, scaffold, torchscript, transfer};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +57,38 @@ enum Command {
         /// Binarisation threshold on the soft prediction.
         #[arg(long, default_value_t = 0.5)]
         threshold: f64,
+    },
+    /// Print an architecture's layers and parameter counts, from a model folder or a name and config.
+    Summary {
+        /// A model folder, or an architecture name such as `unet2d` or `unet:unet3d`.
+        target: String,
+        /// Architecture config as JSON, e.g. '{"depth": 4}' (ignored for a model folder).
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
+    /// Export a model folder to TorchScript by tracing, and check the traced module reproduces the plugin.
+    Export {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output TorchScript file (.pt).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Shape of each example input, e.g. 1,1,128,128; repeat for extra inputs (FiLM metadata, HeMIS mask).
+        /// Default: one batch of 1 x in_channels x 128 x 128.
+        #[arg(long = "input-shape", value_name = "SHAPE")]
+        input_shapes: Vec<String>,
+    },
+    /// Create a new plugin crate, with an example architecture and tests, that builds against this SDK.
+    NewPlugin {
+        /// Plugin (and crate) name: lower-case letters, digits and `_`.
+        name: String,
+        /// Where to create it (default: ./<name>).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// The ivado SDK sources (default: the ones this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -142,6 +174,58 @@ fn run(cli: Cli) -> Result<()> {
             for path in written {
                 println!("wrote {}", path.display());
             }
+            Ok(())
+        }
+        Command::Summary { target, config } => {
+            let registry = PluginRegistry::discover(&search);
+            let folder = std::path::Path::new(&target);
+            let model = if folder.join(model_folder::CONFIG_FILE).is_file() {
+                model_folder::load(folder, &registry, device)?.model
+            } else {
+                let config: serde_json::Value =
+                    serde_json::from_str(&config).context("--config is not valid JSON")?;
+                registry.model(&target, &config, device)?
+            };
+            print!("{}", transfer::summary(&model));
+            Ok(())
+        }
+        Command::Export {
+            model,
+            output,
+            input_shapes,
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            let loaded = model_folder::load(&model, &registry, device)?;
+            let shapes = if input_shapes.is_empty() {
+                let channels = ["in_channels", "in_channel"]
+                    .iter()
+                    .find_map(|key| loaded.model.config[key].as_i64())
+                    .unwrap_or(1);
+                vec![vec![1, channels, 128, 128]]
+            } else {
+                input_shapes
+                    .iter()
+                    .map(|s| torchscript::parse_shape(s))
+                    .collect::<Result<_>>()?
+            };
+            let check = torchscript::export(&loaded.model, &shapes, &output)?;
+            println!(
+                "wrote {} (traced on {shapes:?}; max difference from the plugin {:.2e})",
+                output.display(),
+                check.max_abs_difference
+            );
+            Ok(())
+        }
+        Command::NewPlugin { name, path, sdk } => {
+            let dir = path.unwrap_or_else(|| PathBuf::from(&name));
+            let sdk = sdk.unwrap_or_else(scaffold::default_sdk_dir);
+            for file in scaffold::new_plugin(&name, &dir, &sdk)? {
+                println!("wrote {}", file.display());
+            }
+            println!(
+                "next: cd {} && cargo test --release && ivado --plugin-dir target/release plugins",
+                dir.display()
+            );
             Ok(())
         }
     }

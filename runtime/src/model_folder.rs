@@ -1,6 +1,10 @@
 //! The model folder: everything needed to run a trained model elsewhere (nnU-Net style). It holds
-//! `model.safetensors` (weights and buffers, named like the PyTorch state_dict) and `ivado_model.json` (which
-//! plugin and architecture, its config, the preprocessing pipeline, and how the model was trained).
+//! `model.safetensors` (weights and buffers, named like the PyTorch state_dict) and `ivado_model.json`: which
+//! plugin (name and version) and architecture, its config, the preprocessing pipeline, how the model was
+//! trained (dataset fingerprint, split, seed, metrics), and the sha256 of the weights file.
+//!
+//! Loading refuses, with a message saying what to do, a folder whose plugin is missing or has an incompatible
+//! version, and weights whose checksum does not match.
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginModel, PluginRegistry};
 use anyhow::{bail, Context, Result};
@@ -10,6 +14,77 @@ use tch::{Device, Tensor};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "ivado_model.json";
+pub const FORMAT: &str = "ivado-model-folder/2";
+
+/// Lower-case hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
+}
+
+/// A sha256 over what identifies the data a model was trained on: each entry's subject, session, contrast,
+/// and the names and sizes of its image and label files, in a fixed order. Two runs on the same files give the
+/// same fingerprint wherever the dataset lives.
+pub fn dataset_fingerprint(entries: &[crate::bids::BidsEntry]) -> String {
+    use sha2::{Digest, Sha256};
+    let describe = |path: &Path| {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{name}:{size}")
+    };
+    let mut lines: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            format!(
+                "{}|{}|{}|{}|{}",
+                e.subject,
+                e.session.as_deref().unwrap_or(""),
+                e.contrast,
+                describe(&e.image),
+                e.label.as_deref().map(describe).unwrap_or_default()
+            )
+        })
+        .collect();
+    lines.sort();
+    let mut hasher = Sha256::new();
+    for line in &lines {
+        hasher.update(line.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Whether a model trained with plugin version `trained` can run on `installed`: semver compatibility
+/// (same major version; for 0.x, same minor).
+pub fn versions_compatible(trained: &str, installed: &str) -> bool {
+    let parse = |v: &str| -> Vec<u64> {
+        v.split(['.', '-', '+'])
+            .take(3)
+            .map(|part| part.parse().unwrap_or(u64::MAX))
+            .collect()
+    };
+    let (a, b) = (parse(trained), parse(installed));
+    match (a.first(), b.first()) {
+        (Some(0), Some(0)) => a.get(1) == b.get(1),
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a reader (or a
 /// crash) never sees a half-written file.
@@ -72,11 +147,18 @@ pub fn save(
         .iter()
         .map(|p| (p.name.as_str(), &p.tensor))
         .collect();
-    write_safetensors_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    write_safetensors_atomic(&weights_path, &weights)?;
     let library = model.library();
     let description = json!({
-        "format": "ivado-model-folder/1",
-        "plugin": {"name": library.name, "version": library.version},
+        "format": FORMAT,
+        "ivado_version": env!("CARGO_PKG_VERSION"),
+        "plugin": {
+            "name": library.name,
+            "version": library.version,
+            "sdk_abi": ivado_sdk::abi::ABI_VERSION,
+        },
+        "weights_sha256": sha256_file(&weights_path)?,
         "architecture": model.architecture,
         "config": model.config,
         "preprocess": pipeline.specs(),
@@ -145,29 +227,67 @@ pub fn load(dir: &Path, registry: &PluginRegistry, device: Device) -> Result<Loa
     })?;
     let description: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
-    let plugin = description["plugin"]["name"].as_str().unwrap_or_default();
+    let format = description["format"].as_str().unwrap_or("none");
+    if format != FORMAT {
+        bail!(
+            "{}: model folder format `{format}`, this ivado reads `{FORMAT}`; re-save the model with this version",
+            config_path.display()
+        );
+    }
+    let plugin = description["plugin"]["name"]
+        .as_str()
+        .with_context(|| format!("{}: missing `plugin.name`", config_path.display()))?;
+    let wanted_version = description["plugin"]["version"]
+        .as_str()
+        .with_context(|| format!("{}: missing `plugin.version`", config_path.display()))?;
     let architecture = description["architecture"]
         .as_str()
         .with_context(|| format!("{}: missing `architecture`", config_path.display()))?;
-    let qualified = if plugin.is_empty() {
-        architecture.to_owned()
-    } else {
-        format!("{plugin}:{architecture}")
-    };
-    let model = registry
-        .model(&qualified, &description["config"], device)
-        .with_context(|| format!("loading model folder {}", dir.display()))?;
-    let wanted_version = description["plugin"]["version"]
-        .as_str()
-        .unwrap_or_default();
-    if !wanted_version.is_empty() && model.library().version != wanted_version {
-        tracing::warn!(
-            "{}: trained with plugin `{plugin}` {wanted_version}, running with {}",
+    let Some(library) = registry.libraries.iter().find(|lib| lib.name == plugin) else {
+        bail!(
+            "{}: this model needs plugin `{plugin}` {wanted_version} (architecture `{architecture}`), which is not \
+             installed; build it and pass its folder with --plugin-dir or IVADO_PLUGIN_PATH{}",
             dir.display(),
-            model.library().version
+            registry.failure_note()
+        );
+    };
+    if !versions_compatible(wanted_version, &library.version) {
+        bail!(
+            "{}: this model was trained with plugin `{plugin}` {wanted_version}, but {} {} is installed ({}); \
+             install a compatible version of the plugin",
+            dir.display(),
+            plugin,
+            library.version,
+            library.path.display()
         );
     }
-    load_weights(&model, &dir.join(WEIGHTS_FILE))?;
+    if library.version != wanted_version {
+        tracing::warn!(
+            "{}: trained with plugin `{plugin}` {wanted_version}, running with compatible {}",
+            dir.display(),
+            library.version
+        );
+    }
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let expected_sha = description["weights_sha256"]
+        .as_str()
+        .with_context(|| format!("{}: missing `weights_sha256`", config_path.display()))?;
+    let actual_sha = sha256_file(&weights_path)?;
+    if actual_sha != expected_sha {
+        bail!(
+            "{}: sha256 {actual_sha} does not match {expected_sha} recorded in {CONFIG_FILE}: the weights are \
+             corrupted or were replaced",
+            weights_path.display()
+        );
+    }
+    let model = registry
+        .model(
+            &format!("{plugin}:{architecture}"),
+            &description["config"],
+            device,
+        )
+        .with_context(|| format!("loading model folder {}", dir.display()))?;
+    load_weights(&model, &weights_path)?;
     let specs = description["preprocess"]
         .as_array()
         .cloned()
@@ -179,4 +299,18 @@ pub fn load(dir: &Path, registry: &PluginRegistry, device: Device) -> Result<Loa
         pipeline,
         description,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::versions_compatible;
+
+    #[test]
+    fn semver_compatibility() {
+        assert!(versions_compatible("0.1.0", "0.1.7"));
+        assert!(!versions_compatible("0.1.0", "0.2.0"));
+        assert!(versions_compatible("1.2.0", "1.9.1"));
+        assert!(!versions_compatible("1.2.0", "2.0.0"));
+        assert!(!versions_compatible("garbage", "1.0.0"));
+    }
 }

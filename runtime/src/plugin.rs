@@ -239,7 +239,10 @@ fn device_code(device: Device) -> abi::DeviceCode {
 pub struct NamedTensor {
     pub name: String,
     pub tensor: Tensor,
+    /// Updated by the optimizer.
     pub trainable: bool,
+    /// A learnable parameter frozen for transfer learning (then `trainable` is false).
+    pub frozen: bool,
 }
 
 /// An architecture instance living in a plugin.
@@ -269,6 +272,7 @@ unsafe extern "C" fn push_parameter(
             name: unsafe { name.as_str() }.to_owned(),
             tensor: unsafe { Tensor::from_ptr(tensor) },
             trainable: flags & abi::TENSOR_TRAINABLE != 0,
+            frozen: false,
         });
     }));
 }
@@ -354,8 +358,18 @@ impl PluginModel {
         self.parameters.iter().filter(|p| p.trainable)
     }
 
+    /// Learnable values the optimizer updates.
     pub fn parameter_count(&self) -> i64 {
         self.trainable().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// Learnable values, frozen or not: what PyTorch's `sum(p.numel() for p in model.parameters())` gives.
+    pub fn learnable_count(&self) -> i64 {
+        self.parameters
+            .iter()
+            .filter(|p| p.trainable || p.frozen)
+            .map(|p| p.tensor.numel() as i64)
+            .sum()
     }
 }
 
@@ -643,7 +657,7 @@ impl PluginRegistry {
         }
     }
 
-    fn failure_note(&self) -> String {
+    pub(crate) fn failure_note(&self) -> String {
         if self.failures.is_empty() {
             String::new()
         } else {

@@ -9,7 +9,7 @@ use crate::model_folder;
 use crate::pipeline::Pipeline;
 use crate::plugin::{PluginModel, PluginRegistry, PluginTransform};
 use crate::train::{seed_everything, train, TrainConfig};
-use crate::{infer, metrics, phantom, volume};
+use crate::{infer, metrics, phantom, transfer, volume};
 use anyhow::{anyhow, Context, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
 use serde_json::json;
@@ -384,7 +384,15 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 valid_slices.volumes.len()
             );
             let contrasts: std::collections::BTreeSet<&str> = train_set.entries.iter().map(|e| e.contrast.as_str()).collect();
-            let data = json!({"slice_axis": "axial", "contrasts": contrasts, "seed": config.seed});
+            let subjects = |set: &Dataset| -> std::collections::BTreeSet<String> { set.entries.iter().map(|e| e.subject.clone()).collect() };
+            let all_entries: Vec<_> = train_set.entries.iter().chain(valid_set.entries.iter()).cloned().collect();
+            let data = json!({
+                "slice_axis": "axial",
+                "contrasts": contrasts,
+                "seed": config.seed,
+                "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
+                "split": {"train": subjects(&train_set), "valid": subjects(&valid_set)},
+            });
             let report = train(&model.0, &pipeline, &train_slices, &valid_slices, &data, &config).map_err(script_error)?;
             let history: Array = report
                 .history
@@ -408,7 +416,102 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         });
     }
 
+    engine.register_fn("summary", |m: &mut ModelHandle| transfer::summary(&m.0));
+
+    {
+        // Every architecture the loaded plugins offer, with its defaults: `for a in architectures() { print(a.name) }`.
+        let context = Rc::clone(&context);
+        engine.register_fn("architectures", move || -> Array {
+            context
+                .registry
+                .libraries
+                .iter()
+                .flat_map(|library| {
+                    library.architectures.iter().map(move |component| {
+                        let mut map = Map::new();
+                        map.insert("name".into(), component.name.clone().into());
+                        map.insert("plugin".into(), library.name.clone().into());
+                        map.insert("version".into(), library.version.clone().into());
+                        map.insert("summary".into(), component.summary.clone().into());
+                        let defaults =
+                            rhai::serde::to_dynamic(&component.defaults).unwrap_or_default();
+                        map.insert("defaults".into(), defaults);
+                        Dynamic::from_map(map)
+                    })
+                })
+                .collect()
+        });
+    }
+
+    {
+        // ivadomed's transfer learning: the model folder's network with its first layers frozen and, with
+        // `reset`, the rest re-initialised; train it like any model.
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "retrain",
+            move |model_dir: &str, options: Map| -> ScriptResult<ModelHandle> {
+                check_keys("retrain", &options, &["retrain_fraction", "reset"])?;
+                let fraction = option(&options, "retrain_fraction", 1.0, number)?;
+                let reset = option(&options, "reset", true, |v| v.as_bool().ok())?;
+                let loaded = model_folder::load(
+                    Path::new(model_dir),
+                    &context.registry,
+                    context.device.get(),
+                )
+                .map_err(script_error)?;
+                let mut model = loaded.model;
+                let fresh = if reset {
+                    let qualified = format!("{}:{}", model.library().name, model.architecture);
+                    Some(
+                        context
+                            .registry
+                            .model(&qualified, &model.config, context.device.get())
+                            .map_err(script_error)?,
+                    )
+                } else {
+                    None
+                };
+                let plan = transfer::prepare_retrain(&mut model, fresh.as_ref(), fraction)
+                    .map_err(script_error)?;
+                println!(
+                    "retrain {}: {} of {} layers frozen, {} {}",
+                    model.architecture,
+                    plan.frozen.len(),
+                    plan.total_layers,
+                    plan.retrained.len(),
+                    if plan.reset {
+                        "re-initialised"
+                    } else {
+                        "kept as trained"
+                    }
+                );
+                Ok(ModelHandle(Rc::new(model)))
+            },
+        );
+    }
+
+    {
+        // TorchScript export by tracing; returns the largest difference between the traced module and the plugin.
+        let context = Rc::clone(&context);
+        engine.register_fn("export_torchscript", move |model_dir: &str, out: &str, shapes: Array| -> ScriptResult<f64> {
+            let shapes: Vec<Vec<i64>> = shapes
+                .into_iter()
+                .map(|shape| {
+                    shape
+                        .into_typed_array::<i64>()
+                        .map_err(|_| script_error(anyhow!("export_torchscript: each shape must be a list of integers, e.g. [1, 1, 128, 128]")))
+                })
+                .collect::<ScriptResult<_>>()?;
+            let loaded = model_folder::load(Path::new(model_dir), &context.registry, context.device.get()).map_err(script_error)?;
+            let check = crate::torchscript::export(&loaded.model, &shapes, Path::new(out)).map_err(script_error)?;
+            Ok(check.max_abs_difference)
+        });
+    }
+
     engine.register_type_with_name::<TrainedModel>("TrainedModel");
+    engine.register_fn("summary", |m: &mut TrainedModel| {
+        transfer::summary(&m.0.model)
+    });
     {
         let context = Rc::clone(&context);
         engine.register_fn(

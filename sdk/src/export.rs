@@ -130,8 +130,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     } else {
         "unknown panic payload".to_owned()
     };
-    // tch panics with the full libtorch error, whose C++ backtrace is noise to a user.
-    first_line(&text).to_owned()
+    // tch panics with the full libtorch error, whose C++ backtrace is noise to a user. An `unwrap()` on a tch
+    // error prints it with Debug, where the newlines are escaped, so cut there too.
+    let line = first_line(&text);
+    match line.find("\\n") {
+        Some(end) => format!("{}…", &line[..end]),
+        None => line.to_owned(),
+    }
 }
 
 /// Runs one entry point's body: errors and panics become a status plus a message in `*err`.

@@ -20,6 +20,7 @@ mod error;
 pub mod export;
 pub mod log;
 mod sample;
+pub mod testing;
 
 pub use config::Config;
 pub use error::{PluginError, Result};
