@@ -4,6 +4,7 @@ pub mod bids;
 pub mod data;
 pub mod device;
 pub mod infer;
+pub mod losses;
 pub mod metrics;
 pub mod model_folder;
 pub mod optim;
