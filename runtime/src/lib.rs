@@ -1,6 +1,7 @@
 //! The ivado host runtime: plugin loading, data, training, inference, and the Rhai scripting surface.
 //! `docs/architecture.md` is the code map.
 pub mod bids;
+pub mod components;
 pub mod data;
 pub mod device;
 pub mod infer;
