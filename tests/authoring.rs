@@ -89,7 +89,12 @@ fn new_plugin_scaffolds_a_crate_that_builds_and_passes_its_own_tests() {
     let root = tempfile::tempdir().unwrap();
     let crate_dir = root.path().join("my_seg");
     let (ok, stdout, stderr) = run_ivado(
-        &["new-plugin", "my_seg", "--path", crate_dir.to_str().unwrap()],
+        &[
+            "new-plugin",
+            "my_seg",
+            "--path",
+            crate_dir.to_str().unwrap(),
+        ],
         "warn",
     );
     assert!(ok, "{stderr}");
@@ -104,8 +109,10 @@ fn new_plugin_scaffolds_a_crate_that_builds_and_passes_its_own_tests() {
     cargo(&["build"], &crate_dir.join("Cargo.toml"));
 
     let library = out_of_tree_target().join("release/libmy_seg.so");
-    let (ok, stdout, stderr) =
-        run_ivado(&["--plugin-dir", library.to_str().unwrap(), "plugins"], "warn");
+    let (ok, stdout, stderr) = run_ivado(
+        &["--plugin-dir", library.to_str().unwrap(), "plugins"],
+        "warn",
+    );
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("my_seg 0.1.0") && stdout.contains("tiny_fcn"),
@@ -124,7 +131,12 @@ fn new_plugin_scaffolds_a_crate_that_builds_and_passes_its_own_tests() {
     assert!(!ok);
     assert!(stderr.contains("plugin name `My-Seg`"), "{stderr}");
     let (ok, _, stderr) = run_ivado(
-        &["new-plugin", "my_seg", "--path", crate_dir.to_str().unwrap()],
+        &[
+            "new-plugin",
+            "my_seg",
+            "--path",
+            crate_dir.to_str().unwrap(),
+        ],
         "warn",
     );
     assert!(!ok, "scaffolding over an existing crate must be refused");

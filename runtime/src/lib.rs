@@ -1,5 +1,6 @@
 //! The ivado host runtime: plugin loading, data, training, inference, and the Rhai scripting surface.
 //! `docs/architecture.md` is the code map.
+pub mod bench;
 pub mod bids;
 pub mod components;
 pub mod data;

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::script::{run_file, ScriptContext};
-use ivado_runtime::{infer, model_folder, scaffold, torchscript, transfer};
+use ivado_runtime::{bench, infer, model_folder, scaffold, torchscript, transfer};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +79,11 @@ enum Command {
         #[arg(long = "input-shape", value_name = "SHAPE")]
         input_shapes: Vec<String>,
     },
+    /// Measure speed; prints figures to set beside ivadomed's.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Create a new plugin crate, with an example architecture and tests, that builds against this SDK.
     NewPlugin {
         /// Plugin (and crate) name: lower-case letters, digits and `_`.
@@ -89,6 +94,25 @@ enum Command {
         /// The ivado SDK sources (default: the ones this binary was built from).
         #[arg(long)]
         sdk: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward + backward step time of each architecture plugin at ivadomed's default sizes.
+    Arch {
+        /// Only these architectures (repeatable); default: all built-in ones.
+        #[arg(long = "arch", value_name = "NAME")]
+        architectures: Vec<String>,
+        /// Timed steps per architecture (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// libtorch intra-op threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
     },
 }
 
@@ -214,6 +238,47 @@ fn run(cli: Cli) -> Result<()> {
                 output.display(),
                 check.max_abs_difference
             );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Arch {
+                    architectures,
+                    steps,
+                    warmup,
+                    threads,
+                },
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            if let Some(threads) = threads {
+                tch::set_num_threads(threads);
+            }
+            let cases: Vec<bench::ArchitectureCase> = bench::default_cases()
+                .into_iter()
+                .filter(|case| {
+                    architectures.is_empty() || architectures.contains(&case.architecture)
+                })
+                .collect();
+            println!(
+                "forward+backward step on {} ({} threads), median of {steps} after {warmup} warm-up",
+                device::describe(device),
+                tch::get_num_threads()
+            );
+            println!(
+                "{:<16} {:>12}  {:<28} {:>10} {:>10}",
+                "architecture", "parameters", "inputs", "median s", "min s"
+            );
+            for case in &cases {
+                let timing = bench::time_case(&registry, case, device, warmup, steps)?;
+                println!(
+                    "{:<16} {:>12}  {:<28} {:>10.4} {:>10.4}",
+                    timing.architecture,
+                    timing.parameters,
+                    format!("{:?}", timing.inputs),
+                    timing.median_seconds,
+                    timing.min_seconds
+                );
+            }
             Ok(())
         }
         Command::NewPlugin { name, path, sdk } => {
