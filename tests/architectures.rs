@@ -64,7 +64,9 @@ fn parameter_counts_equal_ivadomeds_constructors() {
 }
 
 /// Small configurations and two input sizes each, with extra inputs where the architecture takes them.
-fn small_cases() -> Vec<(&'static str, Value, Vec<Vec<i64>>, Vec<i64>)> {
+type Case = (&'static str, Value, Vec<Vec<i64>>, Vec<i64>);
+
+fn small_cases() -> Vec<Case> {
     // (architecture, config, input shapes for one size, expected output shape)
     let mut cases = Vec::new();
     for size in [16i64, 32] {
@@ -383,4 +385,29 @@ train(net, #{ train: parts.train, valid: parts.valid, preprocess: preprocess, ep
     }
     assert!(frozen_checked >= 15, "{frozen_checked}");
     assert!(moved > 0, "no retrained parameter changed");
+}
+
+/// Every traceable architecture exports: the module reproduces the plugin on fresh inputs (checked inside
+/// `export`). HeMIS branches on which contrasts a sample has, so its plugin marks it untraceable and export
+/// refuses it instead of writing a module that silently ignores missing contrasts.
+#[test]
+fn every_traceable_architecture_exports_to_torchscript() {
+    let registry = builtin();
+    let root = tempfile::tempdir().unwrap();
+    for (architecture, config, shapes, _) in small_cases().into_iter().take(7) {
+        let network = model(&registry, architecture, config);
+        let out = root.path().join(format!("{architecture}.pt"));
+        let result = torchscript::export(&network, &shapes, &out);
+        if architecture == "hemis_unet" {
+            let error = format!("{:#}", result.expect_err("HeMIS must be refused"));
+            assert!(error.contains("cannot be exported by tracing"), "{error}");
+            assert!(!out.exists());
+            continue;
+        }
+        let check = result.unwrap_or_else(|e| panic!("{architecture}: {e:#}"));
+        assert!(
+            check.max_abs_difference <= torchscript::TOLERANCE,
+            "{architecture}"
+        );
+    }
 }

@@ -28,6 +28,8 @@ pub struct ComponentInfo {
     pub name: String,
     pub summary: String,
     pub defaults: Value,
+    /// Architectures only: whether TorchScript tracing records its forward faithfully.
+    pub traceable: bool,
 }
 
 /// A loaded plugin library whose ABI record was accepted.
@@ -222,6 +224,10 @@ fn parse_components(description: &Value, key: &str) -> Vec<ComponentInfo> {
                         .unwrap_or_default()
                         .to_owned(),
                     defaults: item.get("defaults").cloned().unwrap_or(Value::Null),
+                    traceable: item
+                        .get("traceable")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
                 })
                 .collect()
         })

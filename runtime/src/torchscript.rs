@@ -45,6 +45,19 @@ pub fn export(model: &PluginModel, shapes: &[Vec<i64>], out: &Path) -> Result<Ex
     if shapes.is_empty() {
         bail!("TorchScript export needs at least one input shape");
     }
+    let library = model.library();
+    if library
+        .architectures
+        .iter()
+        .any(|a| a.name == model.architecture && !a.traceable)
+    {
+        bail!(
+            "`{}` (plugin `{}`) cannot be exported by tracing: its forward branches on input values (a trace would \
+             record only one branch); use it through ivado",
+            model.architecture,
+            library.name
+        );
+    }
     let device = model
         .parameters
         .first()
@@ -95,7 +108,8 @@ pub fn export(model: &PluginModel, shapes: &[Vec<i64>], out: &Path) -> Result<Ex
         let difference = (actual - expected).abs().max().double_value(&[]);
         max_abs_difference = max_abs_difference.max(difference);
     }
-    if !(max_abs_difference <= TOLERANCE) {
+    // NaN fails too.
+    if max_abs_difference.is_nan() || max_abs_difference > TOLERANCE {
         bail!(
             "the traced `{}` differs from the plugin by {max_abs_difference:.3e} (> {TOLERANCE:e}): its forward \
              probably depends on data in a way tracing cannot record; it cannot be exported by tracing",

@@ -21,6 +21,7 @@ pub struct Registry {
 pub struct ArchitectureEntry {
     name: &'static str,
     summary: &'static str,
+    traceable: bool,
     defaults: fn() -> Value,
     build: fn(&mut Config, nn::Path) -> Result<Box<dyn DynArchitecture>>,
 }
@@ -30,6 +31,7 @@ impl ArchitectureEntry {
         Self {
             name: A::NAME,
             summary: A::SUMMARY,
+            traceable: A::TRACEABLE,
             defaults: A::defaults,
             build: |config, root| Ok(Box::new(A::build(config, root)?)),
         }
@@ -179,7 +181,9 @@ unsafe extern "C" fn describe(out: *mut OwnedStr, err: *mut OwnedStr) -> Status 
         let architectures: Vec<Value> = registry
             .architectures
             .iter()
-            .map(|a| json!({"name": a.name, "summary": a.summary, "defaults": (a.defaults)()}))
+            .map(|a| {
+                json!({"name": a.name, "summary": a.summary, "defaults": (a.defaults)(), "traceable": a.traceable})
+            })
             .collect();
         let transforms: Vec<Value> = registry
             .transforms

@@ -35,6 +35,9 @@ pub trait Architecture: Send + 'static {
     const NAME: &'static str;
     /// One line saying what it is.
     const SUMMARY: &'static str;
+    /// Whether a trace of `forward` (TorchScript export) records it faithfully. Set it to false when forward
+    /// branches on input values, e.g. on which modalities a sample has: a trace would bake in one branch.
+    const TRACEABLE: bool = true;
 
     /// Every config key with its default value. Shown by `ivado plugins` and merged under a user's config.
     fn defaults() -> serde_json::Value;

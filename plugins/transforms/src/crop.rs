@@ -1,4 +1,4 @@
-//! ivadomed's `CenterCrop`.
+//! ivadomed's `CenterCrop` and `ROICrop`.
 use crate::geometry::{check_rank, record_ints, spatial_shape};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::Tensor;
@@ -18,19 +18,40 @@ pub struct CenterCrop {
 /// Largest crop edge accepted from a config, to turn typos into errors instead of huge allocations.
 const MAX_EDGE: f64 = 65_536.0;
 
-impl CenterCrop {
-    pub fn new(size: Vec<i64>) -> Result<Self> {
-        check_rank(Self::NAME, "size", size.len())?;
-        if let Some(bad) = size
-            .iter()
-            .find(|&&edge| edge < 1 || edge as f64 > MAX_EDGE)
-        {
+/// Checks a crop size: 2 or 3 edges, each in `1..=MAX_EDGE`.
+pub(crate) fn checked_size(who: &str, size: Vec<i64>) -> Result<Vec<i64>> {
+    check_rank(who, "size", size.len())?;
+    if let Some(bad) = size
+        .iter()
+        .find(|&&edge| edge < 1 || edge as f64 > MAX_EDGE)
+    {
+        return Err(PluginError(format!(
+            "{who}: every `size` entry must be in 1..={MAX_EDGE}, got {bad}"
+        )));
+    }
+    Ok(size)
+}
+
+/// Reads the `size` key: whole numbers only.
+pub(crate) fn size_from_config(config: &mut Config, who: &str) -> Result<Vec<i64>> {
+    let raw = config.f64_list("size")?;
+    let mut size = Vec::with_capacity(raw.len());
+    for edge in raw {
+        if edge.fract() != 0.0 || !edge.is_finite() {
             return Err(PluginError(format!(
-                "{}: every `size` entry must be in 1..={MAX_EDGE}, got {bad}",
-                Self::NAME
+                "{who}: `size` entries must be whole numbers, got {edge}"
             )));
         }
-        Ok(Self { size })
+        size.push(edge as i64);
+    }
+    checked_size(who, size)
+}
+
+impl CenterCrop {
+    pub fn new(size: Vec<i64>) -> Result<Self> {
+        Ok(Self {
+            size: checked_size(Self::NAME, size)?,
+        })
     }
 
     /// Where the crop starts along each axis, in input coordinates (negative: padding).
@@ -45,7 +66,7 @@ impl CenterCrop {
 
 /// A zero tensor with `tensor`'s leading axes and spatial shape `out_spatial`, holding `tensor` placed so that its
 /// element 0 lands at `shift` (per spatial axis) in the output; whatever falls outside is dropped.
-fn embed(tensor: &Tensor, out_spatial: &[i64], shift: &[i64]) -> Result<Tensor> {
+pub(crate) fn embed(tensor: &Tensor, out_spatial: &[i64], shift: &[i64]) -> Result<Tensor> {
     let shape = tensor.size();
     let lead = shape.len() - out_spatial.len();
     let mut out_shape = shape[..lead].to_vec();
@@ -80,18 +101,7 @@ impl Transform for CenterCrop {
     }
 
     fn build(config: &mut Config) -> Result<Self> {
-        let raw = config.f64_list("size")?;
-        let mut size = Vec::with_capacity(raw.len());
-        for edge in raw {
-            if edge.fract() != 0.0 || !edge.is_finite() {
-                return Err(PluginError(format!(
-                    "{}: `size` entries must be whole numbers, got {edge}",
-                    Self::NAME
-                )));
-            }
-            size.push(edge as i64);
-        }
-        Self::new(size)
+        Self::new(size_from_config(config, Self::NAME)?)
     }
 
     fn apply(&self, sample: &mut Sample, _seed: u64) -> Result<Value> {
@@ -105,25 +115,29 @@ impl Transform for CenterCrop {
     }
 
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {
-        let rank = self.size.len();
-        let original = record_ints(record, "shape", rank, Self::NAME)?;
-        let offsets = record_ints(record, "offsets", rank, Self::NAME)?;
-        let size = record_ints(record, "size", rank, Self::NAME)?;
-        if sample.tensors.is_empty() {
-            return Ok(());
-        }
-        let current = spatial_shape(sample, rank, Self::NAME)?;
-        if current != size {
-            return Err(PluginError(format!(
-                "{}: undo expects tensors of the cropped spatial shape {size:?}, got {current:?}",
-                Self::NAME
-            )));
-        }
-        for tensor in sample.tensors.values_mut() {
-            *tensor = embed(tensor, &original, &offsets)?;
-        }
-        Ok(())
+        undo_crop(Self::NAME, self.size.len(), sample, record)
     }
+}
+
+/// Undoes a crop recorded as `{"shape", "offsets", "size"}`: puts the tensors back at their offsets in zero tensors
+/// of the original spatial shape.
+pub(crate) fn undo_crop(who: &str, rank: usize, sample: &mut Sample, record: &Value) -> Result<()> {
+    let original = record_ints(record, "shape", rank, who)?;
+    let offsets = record_ints(record, "offsets", rank, who)?;
+    let size = record_ints(record, "size", rank, who)?;
+    if sample.tensors.is_empty() {
+        return Ok(());
+    }
+    let current = spatial_shape(sample, rank, who)?;
+    if current != size {
+        return Err(PluginError(format!(
+            "{who}: undo expects tensors of the cropped spatial shape {size:?}, got {current:?}"
+        )));
+    }
+    for tensor in sample.tensors.values_mut() {
+        *tensor = embed(tensor, &original, &offsets)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -91,6 +91,9 @@ pub enum Interpolation {
     Linear,
     /// Nearest neighbour (pixel-centre aligned, PyTorch's `nearest-exact`): masks, which must stay binary.
     Nearest,
+    /// The closest libtorch has to scipy's order-2 spline, which ivadomed uses for images: bicubic in 2D (Keys
+    /// kernel, `a = -0.75`), trilinear in 3D (libtorch has no tricubic). `align_corners = false`.
+    Cubic,
 }
 
 pub fn is_float(kind: Kind) -> bool {
@@ -100,10 +103,16 @@ pub fn is_float(kind: Kind) -> bool {
     )
 }
 
-/// Masks (`label*`, `roi*`) and non-float tensors are resampled nearest, everything else linearly.
-pub fn interpolation_for(name: &str, kind: Kind) -> Interpolation {
-    if name.starts_with("label") || name.starts_with("roi") || !is_float(kind) {
+/// How `Resample` interpolates a tensor, by name: integer and boolean tensors nearest (their values must survive),
+/// masks (`label*`, `roi*`) as `masks` says, images (`image*`) [`Interpolation::Cubic`] (ivadomed resamples images
+/// with an order-2 spline), everything else (predictions, soft maps) linearly.
+pub fn interpolation_for(name: &str, kind: Kind, masks: Interpolation) -> Interpolation {
+    if !is_float(kind) {
         Interpolation::Nearest
+    } else if name.starts_with("label") || name.starts_with("roi") {
+        masks
+    } else if name.starts_with("image") {
+        Interpolation::Cubic
     } else {
         Interpolation::Linear
     }
@@ -140,6 +149,8 @@ pub fn resize(tensor: &Tensor, size: &[i64], mode: Interpolation) -> Result<Tens
         (Interpolation::Linear, 3) => {
             input.f_upsample_trilinear3d(size, false, None, None, None)?
         }
+        (Interpolation::Cubic, 2) => input.f_upsample_bicubic2d(size, false, None, None)?,
+        (Interpolation::Cubic, 3) => input.f_upsample_trilinear3d(size, false, None, None, None)?,
         (Interpolation::Nearest, 2) => {
             input.f_internal_upsample_nearest_exact2d(size, None, None)?
         }

@@ -1,6 +1,6 @@
 //! ivadomed's `Resample`.
 use crate::geometry::{
-    check_rank, interpolation_for, record_floats, record_ints, resize, spatial_shape,
+    check_rank, interpolation_for, record_floats, record_ints, resize, spatial_shape, Interpolation,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
@@ -8,13 +8,20 @@ use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
 /// Resamples every tensor to a target voxel spacing in mm (`[h, w]` or `[d, h, w]`, in tensor axis order).
 ///
 /// The new size along each axis is `round(size * spacing / target)` (halves to even, as scipy's `zoom` that
-/// ivadomed uses), at least 1. `image`, `prediction` and other float tensors are interpolated bi/trilinearly with
-/// `align_corners = false`; masks (`label*`, `roi*`, and any integer or boolean tensor) nearest, so they stay
-/// binary. The metadata `spacing` becomes the spacing actually reached, `spacing * size / new_size`, which differs
-/// from the target when the extent is not a whole number of target voxels. Undo interpolates back to the original
-/// shape (linearly or nearest by the same rule) and restores the original spacing.
+/// ivadomed uses), at least 1. All interpolation uses `align_corners = false`:
+/// - `image*`: ivadomed uses an order-2 spline, which libtorch lacks; the closest libtorch mode is used instead,
+///   bicubic in 2D and trilinear in 3D (libtorch has no tricubic).
+/// - `label*` / `roi*` float masks: `label_interpolation`, `"nearest"` (default: masks stay binary) or `"linear"`
+///   (ivadomed's order 1 for ground truth, which gives soft borders).
+/// - integer and boolean tensors: always nearest, so class indices survive.
+/// - anything else (`prediction`, soft maps): bi/trilinear (ivadomed undoes with order 1 too).
+///
+/// The metadata `spacing` becomes the spacing actually reached, `spacing * size / new_size`, which differs from the
+/// target when the extent is not a whole number of target voxels. Undo interpolates back to the original shape with
+/// the same per-tensor rule and restores the original spacing.
 pub struct Resample {
     spacing: Vec<f64>,
+    masks: Interpolation,
 }
 
 /// Largest resampled edge, to turn a mistaken spacing into an error instead of a huge allocation.
@@ -29,7 +36,16 @@ impl Resample {
                 Self::NAME
             )));
         }
-        Ok(Self { spacing })
+        Ok(Self {
+            spacing,
+            masks: Interpolation::Nearest,
+        })
+    }
+
+    /// Masks (`label*`, `roi*`) resampled linearly (soft, as ivadomed) instead of nearest.
+    pub fn with_linear_masks(mut self) -> Self {
+        self.masks = Interpolation::Linear;
+        self
     }
 
     /// Output size for `input` voxels at `spacing` resampled to `target`.
@@ -45,14 +61,23 @@ impl Resample {
 impl Transform for Resample {
     const NAME: &'static str = "Resample";
     const SUMMARY: &'static str =
-        "Resamples to a voxel spacing in mm: images/predictions linearly, labels/ROIs nearest (undoable)";
+        "Resamples to a voxel spacing in mm: images bicubic (2D) / trilinear (3D), predictions linearly, masks nearest or linear (undoable)";
 
     fn defaults() -> Value {
-        json!({"spacing": [1.0, 1.0]})
+        json!({"spacing": [1.0, 1.0], "label_interpolation": "nearest"})
     }
 
     fn build(config: &mut Config) -> Result<Self> {
-        Self::new(config.f64_list("spacing")?)
+        let resample = Self::new(config.f64_list("spacing")?)?;
+        Ok(
+            match config
+                .choice("label_interpolation", &["nearest", "linear"])?
+                .as_str()
+            {
+                "linear" => resample.with_linear_masks(),
+                _ => resample,
+            },
+        )
     }
 
     fn apply(&self, sample: &mut Sample, _seed: u64) -> Result<Value> {
@@ -83,7 +108,7 @@ impl Transform for Resample {
             )));
         }
         for (name, tensor) in sample.tensors.iter_mut() {
-            let mode = interpolation_for(name, tensor.f_kind()?);
+            let mode = interpolation_for(name, tensor.f_kind()?, self.masks);
             *tensor = resize(tensor, &output, mode)?;
         }
         let reached: Vec<f64> = spacing
@@ -109,7 +134,7 @@ impl Transform for Resample {
             spatial_shape(sample, rank, Self::NAME)?;
         }
         for (name, tensor) in sample.tensors.iter_mut() {
-            let mode = interpolation_for(name, tensor.f_kind()?);
+            let mode = interpolation_for(name, tensor.f_kind()?, self.masks);
             *tensor = resize(tensor, &original, mode)?;
         }
         sample.set_spacing(&spacing);
@@ -326,6 +351,55 @@ mod tests {
         // Exact 2x up then down with pixel-centre nearest gives the label back unchanged.
         assert!(s.get("label").unwrap().equal(&label));
         assert_eq!(s.spacing().unwrap(), vec![1.0, 1.0, 1.0]);
+    }
+
+    // An impulse upsampled 2x: bicubic (Keys, a = -0.75) rings below zero next to the peak, linear never does.
+    // So a 2D `image` shows negative lobes, the `prediction` (linear) none, a 3D `image` (trilinear) none; with
+    // `label_interpolation: "linear"` the label takes soft values, with the default it stays binary.
+    #[test]
+    fn images_bicubic_in_2d_trilinear_in_3d_and_masks_as_configured() {
+        let mut impulse = vec![0.0f32; 64];
+        impulse[3 * 8 + 3] = 1.0;
+        let impulse = Tensor::from_slice(&impulse).reshape([1, 8, 8]);
+        let build = |config: Value| {
+            let mut config = Config::new("Resample", Resample::defaults(), config).unwrap();
+            let resample = Resample::build(&mut config).unwrap();
+            config.finish().unwrap();
+            resample
+        };
+        let min = |t: &Tensor| f64::try_from(t.min()).unwrap();
+        for (config, soft_label) in [
+            (
+                json!({"spacing": [0.5, 0.5], "label_interpolation": "linear"}),
+                true,
+            ),
+            (json!({"spacing": [0.5, 0.5]}), false),
+        ] {
+            let mut s = sample(impulse.shallow_clone(), &[1.0, 1.0]);
+            s.insert("prediction", impulse.shallow_clone());
+            s.insert("label", impulse.shallow_clone());
+            build(config).apply(&mut s, 0).unwrap();
+            assert!(min(s.get("image").unwrap()) < -0.01, "bicubic rings");
+            assert!(min(s.get("prediction").unwrap()) >= 0.0, "linear does not");
+            let label = values(s.get("label").unwrap());
+            let soft = label.iter().any(|&v| v > 0.0 && v < 1.0);
+            assert_eq!(soft, soft_label);
+        }
+        let volume = impulse.reshape([1, 1, 8, 8]).repeat([1, 4, 1, 1]);
+        let mut s = sample(volume, &[1.0, 1.0, 1.0]);
+        Resample::new(vec![0.5, 0.5, 0.5])
+            .unwrap()
+            .apply(&mut s, 0)
+            .unwrap();
+        assert!(min(s.get("image").unwrap()) >= 0.0, "trilinear in 3D");
+
+        let mut config = Config::new(
+            "Resample",
+            Resample::defaults(),
+            json!({"label_interpolation": "cubic"}),
+        )
+        .unwrap();
+        assert!(Resample::build(&mut config).is_err());
     }
 
     #[test]

@@ -29,6 +29,8 @@ impl Architecture for HemisUnet {
     const NAME: &'static str = "hemis_unet";
     const SUMMARY: &'static str = "ivadomed's HeMISUnet: one encoder per contrast, mean/variance fusion \
          over the available ones (inputs [N, n_contrasts, H, W] and an optional mask [N, n_contrasts])";
+    // Forward selects, per sample, the contrasts present: a trace would freeze one availability pattern.
+    const TRACEABLE: bool = false;
 
     /// ivadomed's HeMISUnet fixes `n_filters` at 64 and the final activation at sigmoid; both are options
     /// here (defaulting to those) so that small variants can be built.

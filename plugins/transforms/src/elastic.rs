@@ -1,0 +1,230 @@
+//! ivadomed's `ElasticTransform`.
+use crate::filters::{gaussian_filter, Border};
+use crate::random::{chance, probability_key, range_key, seeded, uniform, uniform_field};
+use crate::warp::{displacement_grid, frame, warp_sample, Outside};
+use ivado_sdk::serde_json::{json, Value};
+use ivado_sdk::tch::{Kind, Tensor};
+use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+
+/// A random elastic deformation (Simard et al. 2003), applied with probability `p`.
+///
+/// As in ivadomed, `alpha` and `sigma` are drawn uniformly from `alpha_range` and `sigma_range`; each axis gets a
+/// displacement field of uniform noise in `[-1, 1)`, Gaussian-smoothed with `sigma` (zero border) and multiplied by
+/// `alpha`; every voxel then reads its input at its own position plus the displacement, linearly, mirroring past the
+/// edges (scipy's `reflect`).
+///
+/// Differences from ivadomed, on purpose:
+/// - ONE displacement field per sample for every tensor. ivadomed draws a new field for the image and for the label,
+///   so they no longer match; here image, label, roi and prediction stay aligned.
+/// - `sigma` and `alpha` are in millimetres: the smoothing is `sigma / spacing[k]` voxels along axis k and a
+///   displacement of `d` mm is `d / spacing[k]` voxels, so the deformation is isotropic in physical space. At 1 mm
+///   isotropic spacing this is ivadomed's voxel-unit behaviour in 3D.
+/// - 2D samples are deformed in 2D. ivadomed treats them as `[H, W, 1]` volumes and its zero-border smoothing
+///   along the singleton axis scales the 2D displacements by the kernel's centre weight (about `0.4 / sigma`,
+///   0.1 for sigma = 4); that shrink is not reproduced, so for the same `alpha` 2D deformations here are that much
+///   stronger than ivadomed's.
+///
+/// Binary `label*`/`roi*` masks are interpolated linearly and thresholded at 0.5 (they stay binary), soft masks and
+/// images linearly, integer tensors nearest. A deformation has no exact inverse, so `undo` always fails with an
+/// error saying so, and the host refuses the transform in a test-time pipeline instead of silently skipping it.
+pub struct ElasticTransform {
+    alpha_range: (f64, f64),
+    sigma_range: (f64, f64),
+    p: f64,
+}
+
+impl ElasticTransform {
+    pub fn new(alpha_range: (f64, f64), sigma_range: (f64, f64), p: f64) -> Result<Self> {
+        if alpha_range.0 < 0.0 || sigma_range.0 < 0.0 {
+            return Err(PluginError(format!(
+                "{}: `alpha_range` and `sigma_range` must not be negative, got {alpha_range:?} and {sigma_range:?}",
+                Self::NAME
+            )));
+        }
+        Ok(Self {
+            alpha_range,
+            sigma_range,
+            p,
+        })
+    }
+}
+
+impl Transform for ElasticTransform {
+    const NAME: &'static str = "ElasticTransform";
+    const SUMMARY: &'static str =
+        "Random elastic deformation (mm), one field for all tensors; cannot be undone";
+
+    fn defaults() -> Value {
+        json!({"alpha_range": null, "sigma_range": null, "p": 0.1})
+    }
+
+    fn build(config: &mut Config) -> Result<Self> {
+        let alpha_range = range_key(config, Self::NAME, "alpha_range")?;
+        let sigma_range = range_key(config, Self::NAME, "sigma_range")?;
+        let p = probability_key(config, Self::NAME, "p")?;
+        Self::new(alpha_range, sigma_range, p)
+    }
+
+    fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
+        let frame = frame(sample, Self::NAME)?;
+        let mut rng = seeded(seed);
+        if !chance(&mut rng, self.p) {
+            return Ok(json!({"applied": false}));
+        }
+        let alpha = uniform(&mut rng, self.alpha_range.0, self.alpha_range.1);
+        let sigma = uniform(&mut rng, self.sigma_range.0, self.sigma_range.1);
+        let device = sample
+            .tensors
+            .values()
+            .next()
+            .map(|t| t.device())
+            .ok_or_else(|| PluginError(format!("{}: the sample has no tensors", Self::NAME)))?;
+        let rank = frame.rank;
+        let mut field_shape = vec![rank as i64];
+        field_shape.extend_from_slice(&frame.shape);
+        let noise = uniform_field(&mut rng, &field_shape, device)?.f_to_kind(Kind::Double)?;
+        let sigmas: Vec<f64> = frame.spacing.iter().map(|s| sigma / s).collect();
+        let smoothed = gaussian_filter(&noise, &sigmas, Border::Zero)?;
+        // alpha * smoothed noise is a displacement in mm; divide by the spacing of its axis for voxels.
+        let per_axis: Vec<f64> = frame.spacing.iter().map(|s| alpha / s).collect();
+        let mut scale_shape = vec![rank as i64];
+        scale_shape.resize(rank + 1, 1);
+        let scale = Tensor::f_from_slice(&per_axis)?
+            .f_reshape(scale_shape.as_slice())?
+            .f_to_device(device)?;
+        let displacement = smoothed.f_mul(&scale)?;
+        let grid = displacement_grid(&displacement)?;
+        warp_sample(sample, &grid, Outside::Reflect)?;
+        Ok(json!({"applied": true, "alpha": alpha, "sigma": sigma}))
+    }
+
+    fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
+        Err(PluginError(format!(
+            "{} cannot be undone: a random elastic deformation has no exact inverse; leave it out of pipelines \
+             whose predictions are brought back to the input space",
+            Self::NAME
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ivado_sdk::tch::Device;
+
+    fn elastic(config: Value) -> ElasticTransform {
+        let mut config =
+            Config::new("ElasticTransform", ElasticTransform::defaults(), config).unwrap();
+        let transform = ElasticTransform::build(&mut config).unwrap();
+        config.finish().unwrap();
+        transform
+    }
+
+    fn values(tensor: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(&tensor.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    /// A binary phantom: a ring plus a bar, so the deformation has edges to move, on `shape` (2D or 3D).
+    fn phantom(shape: &[i64]) -> Tensor {
+        let total: i64 = shape.iter().product();
+        let data: Vec<f32> = (0..total)
+            .map(|flat| {
+                let (mut rest, mut r2) = (flat, 0.0);
+                let mut last = 0;
+                for (axis, &n) in shape.iter().enumerate().rev() {
+                    let index = rest % n;
+                    rest /= n;
+                    if axis == shape.len() - 1 {
+                        last = index;
+                    }
+                    r2 += (index as f64 - (n as f64 - 1.0) / 2.0).powi(2);
+                }
+                let ring = (16.0..=64.0).contains(&r2);
+                let bar = (2..4).contains(&last);
+                f32::from(u8::from(ring || bar))
+            })
+            .collect();
+        let mut full = vec![1];
+        full.extend_from_slice(shape);
+        Tensor::from_slice(&data).reshape(full.as_slice())
+    }
+
+    fn dice(a: &[f64], b: &[f64]) -> f64 {
+        let overlap: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        2.0 * overlap / (a.iter().sum::<f64>() + b.iter().sum::<f64>())
+    }
+
+    // The label and the image are the same phantom; with one shared field the warped label equals the warped
+    // image thresholded at 0.5 (Dice 1), while ivadomed's two independent fields would not match.
+    #[test]
+    fn one_field_keeps_image_and_label_aligned_in_2d_and_3d() {
+        let transform =
+            elastic(json!({"alpha_range": [120, 150], "sigma_range": [3, 4], "p": 1.0}));
+        for (shape, spacing) in [
+            (vec![40i64, 36], vec![1.0, 1.0]),
+            (vec![12i64, 20, 20], vec![2.0, 1.0, 1.0]),
+        ] {
+            let image = phantom(&shape);
+            let mut s = Sample::new();
+            s.insert("image", image.shallow_clone());
+            s.insert("label", image.shallow_clone());
+            s.set_spacing(&spacing);
+            let record = transform.apply(&mut s, 21).unwrap();
+            assert_eq!(record["applied"], json!(true));
+            let warped_image = values(&s.get("image").unwrap().ge(0.5).to_kind(Kind::Double));
+            let warped_label = values(s.get("label").unwrap());
+            assert!(warped_label.iter().all(|&v| v == 0.0 || v == 1.0));
+            let moved = warped_label
+                .iter()
+                .zip(values(&image))
+                .filter(|(a, b)| a != &b)
+                .count();
+            assert!(
+                moved > 20,
+                "{shape:?}: the deformation moved only {moved} voxels"
+            );
+            let score = dice(&warped_label, &warped_image);
+            assert!(score >= 0.99, "{shape:?}: Dice {score}");
+        }
+    }
+
+    #[test]
+    fn undo_is_refused_with_a_clear_error() {
+        let transform = elastic(json!({"alpha_range": [1, 2], "sigma_range": [3, 4]}));
+        let mut s = Sample::new();
+        s.insert(
+            "prediction",
+            Tensor::zeros([1, 4, 4], (Kind::Float, Device::Cpu)),
+        );
+        let error = transform
+            .undo(&mut s, &json!({"applied": true}))
+            .unwrap_err()
+            .0;
+        assert!(error.contains("cannot be undone"), "{error}");
+    }
+
+    #[test]
+    fn seeds_and_probability() {
+        let transform = elastic(json!({"alpha_range": [50, 80], "sigma_range": [2, 3], "p": 1.0}));
+        let image = phantom(&[24, 24]);
+        let run = |transform: &ElasticTransform, seed: u64| {
+            let mut s = Sample::new();
+            s.insert("image", image.shallow_clone());
+            s.set_spacing(&[1.0, 1.0]);
+            let record = transform.apply(&mut s, seed).unwrap();
+            (record, values(s.get("image").unwrap()))
+        };
+        assert_eq!(run(&transform, 3), run(&transform, 3));
+        assert_ne!(run(&transform, 3).1, run(&transform, 4).1);
+        // p = 0: never applied, the sample is untouched.
+        let never = elastic(json!({"alpha_range": [50, 80], "sigma_range": [2, 3], "p": 0.0}));
+        let (record, out) = run(&never, 3);
+        assert_eq!(record, json!({"applied": false}));
+        assert_eq!(out, values(&image));
+        // Missing required ranges are named.
+        let mut config =
+            Config::new("ElasticTransform", ElasticTransform::defaults(), json!({})).unwrap();
+        let error = ElasticTransform::build(&mut config).err().unwrap().0;
+        assert!(error.contains("alpha_range"), "{error}");
+    }
+}

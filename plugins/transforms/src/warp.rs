@@ -1,0 +1,355 @@
+//! Resampling every tensor of a sample through a coordinate map with libtorch's `grid_sample`, for the random
+//! spatial transforms (affine, elastic). Runs wherever the tensors live (CPU or GPU).
+use crate::geometry::{is_float, spatial_shape};
+use ivado_sdk::tch::{Device, Kind, Tensor};
+use ivado_sdk::{PluginError, Result, Sample};
+
+/// Spatial rank, spacing (mm per axis) and spatial shape of a sample.
+pub struct Frame {
+    pub rank: usize,
+    pub spacing: Vec<f64>,
+    pub shape: Vec<i64>,
+}
+
+/// The spatial rank of a sample: from `image` (`[C, H, W]` or `[C, D, H, W]`) when it has one, else from the
+/// length of its spacing.
+pub fn sample_rank(sample: &Sample, who: &str) -> Result<usize> {
+    let rank = match sample.tensors.get("image") {
+        Some(image) => image.dim().saturating_sub(1),
+        None => sample
+            .spacing()
+            .map_err(|e| PluginError(format!("{who}: no `image` to take the rank from, and {e}")))?
+            .len(),
+    };
+    if rank == 2 || rank == 3 {
+        Ok(rank)
+    } else {
+        Err(PluginError(format!(
+            "{who}: samples must be 2D (`image` [C, H, W]) or 3D (`image` [C, D, H, W]), got {rank} spatial axes"
+        )))
+    }
+}
+
+/// The sample's spacing, checked to have `rank` positive entries.
+pub fn checked_spacing(sample: &Sample, rank: usize, who: &str) -> Result<Vec<f64>> {
+    let spacing = sample
+        .spacing()
+        .map_err(|e| PluginError(format!("{who}: {e}")))?;
+    if spacing.len() != rank {
+        return Err(PluginError(format!(
+            "{who}: the sample is {rank}D but its spacing {spacing:?} has {} entries",
+            spacing.len()
+        )));
+    }
+    if let Some(bad) = spacing.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(PluginError(format!(
+            "{who}: the sample's spacing {spacing:?} has a non-positive entry {bad}"
+        )));
+    }
+    Ok(spacing)
+}
+
+/// Rank, checked spacing and shared spatial shape of a sample.
+pub fn frame(sample: &Sample, who: &str) -> Result<Frame> {
+    let rank = sample_rank(sample, who)?;
+    let shape = spatial_shape(sample, rank, who)?;
+    let spacing = checked_spacing(sample, rank, who)?;
+    Ok(Frame {
+        rank,
+        spacing,
+        shape,
+    })
+}
+
+/// How one tensor is resampled by a warp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarpMode {
+    /// Bi/trilinear: images, predictions and soft masks.
+    Linear,
+    /// Bi/trilinear, then `>= 0.5` -> 1: binary float masks stay binary (ivadomed's `label_augment`).
+    LinearThreshold,
+    /// Nearest neighbour: integer and boolean tensors (class indices, boolean masks).
+    Nearest,
+}
+
+/// Whether every value of `tensor` is 0 or 1.
+pub fn is_binary(tensor: &Tensor) -> Result<bool> {
+    let ok = tensor
+        .f_eq(0.0)?
+        .f_logical_or(&tensor.f_eq(1.0)?)?
+        .f_all()?;
+    Ok(bool::try_from(&ok)?)
+}
+
+/// `label*` and `roi*` float tensors holding only 0 and 1 are thresholded after linear interpolation so they stay
+/// binary; soft ones (e.g. after `DilateGT`) stay soft. Integer and boolean tensors are resampled nearest.
+pub fn warp_mode(name: &str, tensor: &Tensor) -> Result<WarpMode> {
+    if !is_float(tensor.f_kind()?) {
+        return Ok(WarpMode::Nearest);
+    }
+    if (name.starts_with("label") || name.starts_with("roi")) && is_binary(tensor)? {
+        return Ok(WarpMode::LinearThreshold);
+    }
+    Ok(WarpMode::Linear)
+}
+
+/// What lies outside the input grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outside {
+    /// Zeros, with no interpolation towards them: a position past the outer voxel centres reads 0 (scipy
+    /// `affine_transform`'s default `constant` mode, up to a 1e-3 voxel tolerance for rounding).
+    Zero,
+    /// Mirrored about the outer voxel edges (scipy `map_coordinates(mode="reflect")`).
+    Reflect,
+}
+
+/// Samples the trailing spatial axes of `tensor` at `grid` (`[1, *spatial_out, rank]`, normalised coordinates in
+/// `(x, y[, z])` = reversed axis order, `align_corners = false`). Leading axes are kept; dtype is preserved.
+pub fn sample_at(
+    tensor: &Tensor,
+    grid: &Tensor,
+    mode: WarpMode,
+    outside: Outside,
+) -> Result<Tensor> {
+    let grid_shape = grid.size();
+    let rank = grid_shape.len() - 2;
+    let shape = tensor.size();
+    if shape.len() < rank {
+        return Err(PluginError(format!(
+            "cannot warp a tensor of shape {shape:?} in {rank}D"
+        )));
+    }
+    let (leading, spatial) = shape.split_at(shape.len() - rank);
+    let kind = tensor.f_kind()?;
+    // Integers are carried in float64 so class indices stay exact; float32 (and smaller) work in float32.
+    let work = if kind == Kind::Double || !is_float(kind) {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let channels: i64 = leading.iter().product();
+    let mut batched = vec![1, channels];
+    batched.extend_from_slice(spatial);
+    let input = tensor.f_to_kind(work)?.f_reshape(batched.as_slice())?;
+    let grid = grid.f_to_kind(work)?.f_to_device(tensor.device())?;
+    let interpolation = if mode == WarpMode::Nearest { 1 } else { 0 };
+    let padding = match outside {
+        Outside::Zero => 0,
+        Outside::Reflect => 2,
+    };
+    let mut output = input.f_grid_sampler(&grid, interpolation, padding, false)?;
+    if outside == Outside::Zero {
+        output = output.f_mul(&inside(&grid, spatial)?.f_to_kind(work)?.f_unsqueeze(1)?)?;
+    }
+    if mode == WarpMode::LinearThreshold {
+        output = output.f_ge(0.5)?.f_to_kind(work)?;
+    }
+    let mut out_shape = leading.to_vec();
+    out_shape.extend_from_slice(&grid_shape[1..grid_shape.len() - 1]);
+    Ok(output.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?)
+}
+
+/// Where `grid` (`[1, *out, rank]`, normalised, reversed axis order) reads within the voxel centres of an input of
+/// `spatial` shape, `[1, *out]` booleans. grid_sample's zero padding would blend the edge voxel with zeros over
+/// the half voxel beyond it; scipy's `constant` mode, which ivadomed uses, reads 0 there instead.
+fn inside(grid: &Tensor, spatial: &[i64]) -> Result<Tensor> {
+    const TOLERANCE: f64 = 1e-3;
+    let rank = spatial.len();
+    let mut mask: Option<Tensor> = None;
+    for (component, &len) in spatial.iter().rev().enumerate() {
+        // u = (2 i + 1) / n - 1  <=>  i = ((u + 1) n - 1) / 2.
+        let index = grid
+            .f_select(-1, component as i64)?
+            .f_add_scalar(1.0)?
+            .f_mul_scalar(len as f64 / 2.0)?
+            .f_sub_scalar(0.5)?;
+        let within = index
+            .f_ge(-TOLERANCE)?
+            .f_logical_and(&index.f_le(len as f64 - 1.0 + TOLERANCE)?)?;
+        mask = Some(match mask {
+            Some(mask) => mask.f_logical_and(&within)?,
+            None => within,
+        });
+    }
+    mask.ok_or_else(|| PluginError(format!("cannot mask a {rank}D grid")))
+}
+
+/// Warps every tensor of `sample` through `grid`, each with its [`warp_mode`].
+pub fn warp_sample(sample: &mut Sample, grid: &Tensor, outside: Outside) -> Result<()> {
+    for (name, tensor) in sample.tensors.iter_mut() {
+        let mode = warp_mode(name, tensor)?;
+        *tensor = sample_at(tensor, grid, mode, outside)?;
+    }
+    Ok(())
+}
+
+/// The sampling grid of an affine map in voxel indices: output voxel `i` reads input position
+/// `matrix[.., ..rank] · i + matrix[.., rank]` (`matrix` is `rank` rows of `rank + 1`). Input and output share
+/// `shape`. Built in float64 with `affine_grid`, so it is exact to float32 precision.
+pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result<Tensor> {
+    let rank = shape.len();
+    // Normalised coordinate u = (2 i + 1) / n - 1, i.e. i = half * u + centre.
+    let half: Vec<f64> = shape.iter().map(|&n| n as f64 / 2.0).collect();
+    let centre: Vec<f64> = shape.iter().map(|&n| (n as f64 - 1.0) / 2.0).collect();
+    // u_in = H⁻¹ A H u_out + H⁻¹ (A c + a - c), in tensor axis order.
+    let mut theta = vec![0.0f64; rank * (rank + 1)];
+    for row in 0..rank {
+        let mut shift = matrix[row][rank] - centre[row];
+        for col in 0..rank {
+            shift += matrix[row][col] * centre[col];
+        }
+        // The grid's last axis lists coordinates in reversed order (x = last spatial axis first).
+        let grid_row = rank - 1 - row;
+        for col in 0..rank {
+            let grid_col = rank - 1 - col;
+            theta[grid_row * (rank + 1) + grid_col] = matrix[row][col] * half[col] / half[row];
+        }
+        theta[grid_row * (rank + 1) + rank] = shift / half[row];
+    }
+    let theta = Tensor::f_from_slice(&theta)?.f_reshape([1, rank as i64, rank as i64 + 1])?;
+    let mut size = vec![1, 1];
+    size.extend_from_slice(shape);
+    Ok(Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?.f_to_device(device)?)
+}
+
+/// The sampling grid that reads input position `i + displacement[k](i)` along each axis `k` for output voxel `i`;
+/// `displacement` is `[rank, *shape]` in voxels.
+pub fn displacement_grid(displacement: &Tensor) -> Result<Tensor> {
+    let size = displacement.size();
+    let rank = size[0] as usize;
+    let shape = &size[1..];
+    let identity: Vec<Vec<f64>> = (0..rank)
+        .map(|row| {
+            (0..=rank)
+                .map(|col| f64::from(u8::from(row == col)))
+                .collect()
+        })
+        .collect();
+    let base = affine_grid(&identity, shape, displacement.device())?;
+    // A displacement of d voxels along an axis of n voxels is 2 d / n in normalised units; reversed axis order.
+    let mut steps = Vec::with_capacity(rank);
+    for axis in (0..rank).rev() {
+        steps.push(
+            displacement
+                .f_select(0, axis as i64)?
+                .f_to_kind(Kind::Double)?
+                .f_mul_scalar(2.0 / shape[axis] as f64)?,
+        );
+    }
+    let offsets = Tensor::f_stack(&steps, -1)?.f_unsqueeze(0)?;
+    Ok(base.f_add(&offsets)?)
+}
+
+/// Inverse of an affine map `[A | a]` (rows of `rank + 1`): `[A⁻¹ | -A⁻¹ a]`, by Gauss-Jordan elimination.
+pub fn invert_affine(matrix: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
+    let rank = matrix.len();
+    let mut work: Vec<Vec<f64>> = matrix
+        .iter()
+        .enumerate()
+        .map(|(row, values)| {
+            let mut line = values[..rank].to_vec();
+            line.extend((0..rank).map(|col| f64::from(u8::from(row == col))));
+            line
+        })
+        .collect();
+    for col in 0..rank {
+        let pivot = (col..rank)
+            .max_by(|&a, &b| work[a][col].abs().total_cmp(&work[b][col].abs()))
+            .unwrap_or(col);
+        if work[pivot][col].abs() < 1e-12 {
+            return Err(PluginError(format!(
+                "affine matrix {matrix:?} is singular and cannot be inverted"
+            )));
+        }
+        work.swap(col, pivot);
+        let scale = work[col][col];
+        for value in work[col].iter_mut() {
+            *value /= scale;
+        }
+        let pivot_row = work[col].clone();
+        for (row, line) in work.iter_mut().enumerate() {
+            let factor = line[col];
+            if row != col && factor != 0.0 {
+                for (value, pivot_value) in line.iter_mut().zip(&pivot_row) {
+                    *value -= factor * pivot_value;
+                }
+            }
+        }
+    }
+    Ok((0..rank)
+        .map(|row| {
+            let inverse = &work[row][rank..];
+            let mut line = inverse.to_vec();
+            line.push(-(0..rank).map(|k| inverse[k] * matrix[k][rank]).sum::<f64>());
+            line
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(tensor: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(&tensor.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    // The map i -> i + (1, -2) shifts content by (-1, +2): out[i, j] = in[i + 1, j - 2], zeros past the edge.
+    #[test]
+    fn affine_grid_translates_by_whole_voxels() {
+        let input = Tensor::arange(20, (Kind::Float, Device::Cpu)).reshape([1, 4, 5]) + 1.0;
+        let grid = affine_grid(
+            &[vec![1.0, 0.0, 1.0], vec![0.0, 1.0, -2.0]],
+            &[4, 5],
+            Device::Cpu,
+        )
+        .unwrap();
+        let out = values(&sample_at(&input, &grid, WarpMode::Linear, Outside::Zero).unwrap());
+        for i in 0..4i64 {
+            for j in 0..5i64 {
+                let (si, sj) = (i + 1, j - 2);
+                let expected = if (0..4).contains(&si) && (0..5).contains(&sj) {
+                    (si * 5 + sj + 1) as f64
+                } else {
+                    0.0
+                };
+                assert!(
+                    (out[(i * 5 + j) as usize] - expected).abs() < 1e-5,
+                    "at {i},{j}"
+                );
+            }
+        }
+    }
+
+    // A constant displacement of +0.5 voxel along W reads halfway between neighbours; reflection past the end
+    // reads the last voxel again (half-sample symmetric).
+    #[test]
+    fn displacement_grid_reads_shifted_positions() {
+        let input = Tensor::from_slice(&[0.0f32, 2.0, 4.0, 6.0]).reshape([1, 1, 4]);
+        let displacement = Tensor::zeros([2, 1, 4], (Kind::Float, Device::Cpu));
+        let _ = displacement.select(0, 1).fill_(0.5);
+        let grid = displacement_grid(&displacement).unwrap();
+        let out = values(&sample_at(&input, &grid, WarpMode::Linear, Outside::Reflect).unwrap());
+        let expected = [1.0, 3.0, 5.0, 6.0];
+        for (got, want) in out.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-5, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn inverse_of_a_rotation_scale_translation() {
+        let matrix = vec![vec![0.0, -2.0, 3.0], vec![0.5, 0.0, -1.0]];
+        let inverse = invert_affine(&matrix).unwrap();
+        // Composing both maps a point back onto itself.
+        let point = [1.5, -4.0];
+        let apply = |m: &Vec<Vec<f64>>, p: [f64; 2]| {
+            [
+                m[0][0] * p[0] + m[0][1] * p[1] + m[0][2],
+                m[1][0] * p[0] + m[1][1] * p[1] + m[1][2],
+            ]
+        };
+        let back = apply(&inverse, apply(&matrix, point));
+        assert!((back[0] - point[0]).abs() < 1e-12 && (back[1] - point[1]).abs() < 1e-12);
+        assert!(invert_affine(&[vec![1.0, 2.0, 0.0], vec![2.0, 4.0, 0.0]]).is_err());
+    }
+}
