@@ -14,6 +14,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod plugin;
 pub mod scaffold;
+pub mod schedule;
 pub mod script;
 pub mod torchscript;
 pub mod train;

@@ -144,9 +144,9 @@ pub fn train(
             let (images, labels) = train.batch(chunk, config.device);
             let predictions = model.forward(&[&images], Mode::Train)?;
             let loss = dice_loss(&predictions, &labels, 1.0);
-            optimizer.zero_grad();
+            optimizer.zero_grad()?;
             loss.backward();
-            optimizer.step();
+            optimizer.step()?;
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bail!("training diverged at epoch {epoch}: loss is {value}");
