@@ -2,7 +2,6 @@
 //! `docs/architecture.md` is the code map.
 pub mod bench;
 pub mod bids;
-pub mod components;
 pub mod data;
 pub mod device;
 pub mod infer;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::components::{Components, Connectivity};
+use ivado_sdk::components::{Components, Connectivity};
 
 /// ivadomed's DiceLoss: `-(2 |p·t| + smooth) / (|p| + |t| + smooth)`, in [-1, 0], with smooth = 1.
 /// It is negative so that lower is better, and -1 for an empty prediction of an empty target.
@@ -144,7 +144,7 @@ impl Mask {
     }
 
     pub fn components(&self, connectivity: Connectivity) -> Components {
-        crate::components::label(&self.voxels, self.dims, connectivity)
+        ivado_sdk::components::label(&self.voxels, self.dims, connectivity)
     }
 
     fn from_components(components: &Components) -> Self {

@@ -14,6 +14,7 @@
 //! types here are shared by both.
 
 pub mod abi;
+pub mod components;
 mod config;
 mod error;
 #[doc(hidden)]

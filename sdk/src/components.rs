@@ -1,4 +1,4 @@
-//! Connected-component labelling of binary volumes.
+//! Connected-component labelling of binary volumes, shared by the host's metrics and post-processing plugins.
 //!
 //! Volumes are flat, C-ordered `[X, Y, Z]` arrays (the layout of a contiguous `[X, Y, Z]` tensor): voxel
 //! `(x, y, z)` sits at `(x * Y + y) * Z + z`. Labelling is one raster scan with a union-find over the
