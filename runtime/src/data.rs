@@ -132,6 +132,8 @@ pub struct SliceSet {
     pub volume_of_slice: Vec<usize>,
     /// Image path per volume.
     pub volumes: Vec<String>,
+    /// Physical spacing of each slice after preprocessing (mm per axis), for augmentations that work in mm.
+    pub spacing: Vec<Vec<f64>>,
 }
 
 impl SliceSet {
@@ -144,6 +146,7 @@ impl SliceSet {
         let mut labels = Vec::new();
         let mut volume_of_slice = Vec::new();
         let mut volumes = Vec::new();
+        let mut spacing = Vec::new();
         for entry in entries {
             let (image, label) = load_pair(entry)?;
             for (z, sample) in axial_samples(&image, Some(&label)).into_iter().enumerate() {
@@ -154,6 +157,7 @@ impl SliceSet {
                 images.push(sample.get("image")?.shallow_clone());
                 // Labels stay binary through nearest-neighbour resampling; threshold anyway for soft inputs.
                 labels.push(sample.get("label")?.ge(0.5).to_kind(Kind::Float));
+                spacing.push(sample.spacing()?);
                 volume_of_slice.push(volumes.len());
             }
             volumes.push(entry.image.display().to_string());
@@ -170,6 +174,7 @@ impl SliceSet {
             labels: Tensor::stack(&labels, 0),
             volume_of_slice,
             volumes,
+            spacing,
         })
     }
 
@@ -186,6 +191,49 @@ impl SliceSet {
         let mut order: Vec<i64> = (0..self.len() as i64).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         order
+    }
+
+    /// One batch through a random augmentation pipeline, on `device`. Each slice gets one draw, seeded by
+    /// (run seed, epoch, slice index), applied to its image and label alike, so a batch is the same whatever
+    /// else ran before it. Labels are binarised again after the spatial transforms.
+    pub fn augmented_batch(
+        &self,
+        indices: &[i64],
+        augment: &Pipeline,
+        seed: u64,
+        epoch: u64,
+        device: Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let epoch_seed = derive_seed(seed, epoch);
+        let mut images = Vec::with_capacity(indices.len());
+        let mut labels = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let mut sample = Sample::new();
+            sample.insert("image", self.images.get(index));
+            sample.insert("label", self.labels.get(index));
+            sample.set_spacing(&self.spacing[index as usize]);
+            let (sample, _) = augment
+                .apply(sample, derive_seed(epoch_seed, index as u64))
+                .with_context(|| {
+                    format!(
+                        "augmenting a slice of {}",
+                        self.volumes[self.volume_of_slice[index as usize]]
+                    )
+                })?;
+            images.push(sample.get("image")?.shallow_clone());
+            labels.push(sample.get("label")?.ge(0.5).to_kind(Kind::Float));
+        }
+        let first = images[0].size();
+        if let Some(other) = images.iter().find(|t| t.size() != first) {
+            bail!(
+                "the augmentation pipeline changed slice shapes ({first:?} vs {:?}); spatial augmentations must keep the shape",
+                other.size()
+            );
+        }
+        Ok((
+            Tensor::stack(&images, 0).to_device(device),
+            Tensor::stack(&labels, 0).to_device(device),
+        ))
     }
 
     /// One batch on `device`.

@@ -4,7 +4,8 @@ use crate::plugin::{PluginRegistry, PluginTransform};
 use anyhow::{Context, Result};
 use ivado_sdk::Sample;
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 #[derive(Clone, Default)]
 pub struct Pipeline {
@@ -60,5 +61,44 @@ impl Pipeline {
             sample = step.undo(&sample, record)?;
         }
         Ok(sample)
+    }
+}
+
+/// A pipeline that can be replaced while a run uses it (hot reload). Readers take the current version once per
+/// batch and keep it for that batch, so a swap lands between batches and a version stays alive while in use.
+#[derive(Clone, Default)]
+pub struct LivePipeline {
+    current: Arc<RwLock<Arc<Pipeline>>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl LivePipeline {
+    pub fn new(pipeline: Pipeline) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(pipeline))),
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The version to use for the next batch.
+    pub fn current(&self) -> Arc<Pipeline> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// How many times the pipeline was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Swaps in a new version; batches already running keep the old one.
+    pub fn replace(&self, pipeline: Pipeline) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(pipeline);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
