@@ -1,0 +1,6 @@
+ivado_sdk::export_plugin! {
+    name: "postprocess",
+    version: env!("CARGO_PKG_VERSION"),
+    architectures: [],
+    transforms: [],
+}
