@@ -2,7 +2,7 @@
 //! generated phantoms.
 use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsQuery};
 use ivado_runtime::data::SliceSet;
-use ivado_runtime::pipeline::Pipeline;
+use ivado_runtime::pipeline::{LivePipeline, Pipeline};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::train::{seed_everything, train, TrainConfig};
 use ivado_runtime::{infer, model_folder, phantom};
@@ -129,6 +129,7 @@ fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_it
         &valid_set,
         &json!({}),
         &config(out.path(), 5, 3),
+        None,
     )
     .unwrap();
     let losses: Vec<f64> = report.history.iter().map(|r| r.train_loss).collect();
@@ -169,7 +170,8 @@ fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_it
     );
 }
 
-/// One epoch on a generated phantom, returning the weights file's bytes.
+/// One epoch on a generated phantom with random augmentations (affine, elastic, gamma, noise), returning the
+/// weights file's bytes.
 fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
     let registry = registry();
     let index = BidsIndex::scan(
@@ -184,6 +186,18 @@ fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
     let pipeline = pipeline(&registry, 32);
     let train_set = SliceSet::build(&split.train, &pipeline, seed).unwrap();
     let valid_set = SliceSet::build(&split.valid, &pipeline, seed).unwrap();
+    let augment = LivePipeline::new(
+        Pipeline::from_specs(
+            &registry,
+            &[
+                json!({"name": "RandomAffine", "config": {"degrees": 10.0, "translate": [0.05, 0.05], "scale": [0.1, 0.1]}}),
+                json!({"name": "ElasticTransform", "config": {"alpha_range": [10.0, 20.0], "sigma_range": [3.0, 4.0], "p": 0.5}}),
+                json!({"name": "RandomGamma", "config": {"log_gamma_range": [-0.3, 0.3], "p": 0.5}}),
+                json!({"name": "AdditiveGaussianNoise", "config": {"std": 0.05}}),
+            ],
+        )
+        .unwrap(),
+    );
     seed_everything(seed);
     let model = registry
         .model("unet2d", &json!({"depth": 2, "n_filters": 4}), Device::Cpu)
@@ -195,6 +209,7 @@ fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
         &valid_set,
         &json!({}),
         &config(out, 1, seed),
+        Some(&augment),
     )
     .unwrap();
     assert!(report.model_dir.is_dir());

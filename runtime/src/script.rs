@@ -6,7 +6,7 @@
 use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
 use crate::data::{split_by_subject, SliceSet};
 use crate::model_folder;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{LivePipeline, Pipeline};
 use crate::plugin::{PluginModel, PluginRegistry, PluginTransform};
 use crate::train::{seed_everything, train, TrainConfig};
 use crate::{infer, metrics, phantom, transfer, volume};
@@ -350,7 +350,7 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             check_keys(
                 "train",
                 &options,
-                &["train", "valid", "preprocess", "epochs", "batch_size", "learning_rate", "weight_decay", "seed", "out", "threshold"],
+                &["train", "valid", "preprocess", "augment", "epochs", "batch_size", "learning_rate", "weight_decay", "seed", "out", "threshold"],
             )?;
             let train_set = dataset_option(&options, "train")?;
             let valid_set = dataset_option(&options, "valid")?;
@@ -359,6 +359,12 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                     &value.clone().into_array().map_err(|_| script_error(anyhow!("`preprocess` must be a list")))?,
                 )?,
                 None => Pipeline::default(),
+            };
+            let augment = match options.get("augment") {
+                Some(value) => Some(LivePipeline::new(transforms_of(
+                    &value.clone().into_array().map_err(|_| script_error(anyhow!("`augment` must be a list")))?,
+                )?)),
+                None => None,
             };
             let config = TrainConfig {
                 epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
@@ -393,7 +399,7 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
                 "split": {"train": subjects(&train_set), "valid": subjects(&valid_set)},
             });
-            let report = train(&model.0, &pipeline, &train_slices, &valid_slices, &data, &config).map_err(script_error)?;
+            let report = train(&model.0, &pipeline, &train_slices, &valid_slices, &data, &config, augment.as_ref()).map_err(script_error)?;
             let history: Array = report
                 .history
                 .iter()

@@ -4,7 +4,7 @@ use crate::data::SliceSet;
 use crate::metrics::{dice_loss, Overlap};
 use crate::model_folder::{self, write_atomic};
 use crate::optim::Adam;
-use crate::pipeline::{derive_seed, Pipeline};
+use crate::pipeline::{derive_seed, LivePipeline, Pipeline};
 use crate::plugin::PluginModel;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -94,7 +94,8 @@ fn write_metrics(path: &std::path::Path, history: &[EpochRecord]) -> Result<()> 
 }
 
 /// Trains `model` on `train`, validating on `valid` after every epoch. `data` describes the inputs (contrasts,
-/// slice axis) for the model folder.
+/// slice axis) for the model folder. `augment`, when given, is applied to every training batch (one seeded draw
+/// per slice and epoch); it is read once per batch, so a hot-reloaded version takes effect at the next batch.
 pub fn train(
     model: &PluginModel,
     pipeline: &Pipeline,
@@ -102,6 +103,7 @@ pub fn train(
     valid: &SliceSet,
     data: &Value,
     config: &TrainConfig,
+    augment: Option<&LivePipeline>,
 ) -> Result<TrainReport> {
     if train.is_empty() || valid.is_empty() {
         bail!(
@@ -141,7 +143,16 @@ pub fn train(
         let order = train.shuffled(derive_seed(config.seed, epoch as u64));
         let mut loss_sum = 0.0;
         for chunk in order.chunks(batch_size) {
-            let (images, labels) = train.batch(chunk, config.device);
+            let (images, labels) = match augment {
+                Some(live) => train.augmented_batch(
+                    chunk,
+                    &live.current(),
+                    config.seed,
+                    epoch as u64,
+                    config.device,
+                )?,
+                None => train.batch(chunk, config.device),
+            };
             let predictions = model.forward(&[&images], Mode::Train)?;
             let loss = dice_loss(&predictions, &labels, 1.0);
             optimizer.zero_grad()?;
