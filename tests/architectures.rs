@@ -362,7 +362,7 @@ train(net, #{ train: parts.train, valid: parts.valid, preprocess: preprocess, ep
     };
     let before = read("first/model");
     let after: std::collections::HashMap<String, Tensor> =
-        read("second/last").into_iter().collect();
+        read("second/checkpoints/epoch-0002").into_iter().collect();
     let registry = builtin();
     let reference = model(&registry, "unet2d", json!({"depth": 2, "n_filters": 4}));
     let layers = transfer::layers(&reference);

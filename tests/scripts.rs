@@ -135,7 +135,9 @@ fn the_quickstart_demo_trains_segments_and_writes_its_outputs() {
     for file in [
         "model/model.safetensors",
         "model/ivado_model.json",
-        "last/optimizer.safetensors",
+        "checkpoints/epoch-0002/optimizer.safetensors",
+        "checkpoints/epoch-0002/state.json",
+        "manifest.json",
         "evaluation.csv",
     ] {
         assert!(run.join(file).is_file(), "{file} missing");

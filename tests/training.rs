@@ -38,13 +38,9 @@ fn config(out: &Path, epochs: usize, seed: u64) -> TrainConfig {
     TrainConfig {
         epochs,
         batch_size: 8,
-        learning_rate: 3e-3,
-        weight_decay: 0.0,
         seed,
-        out_dir: out.to_owned(),
-        device: Device::Cpu,
-        threshold: 0.5,
-        progress: false,
+        optimizer: json!({"name": "Adam", "lr": 3e-3}),
+        ..TrainConfig::new(out, Device::Cpu)
     }
 }
 
@@ -143,7 +139,12 @@ fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_it
     assert_eq!(csv.lines().count(), 6);
     assert!(csv.starts_with("epoch,train_loss,valid_loss,valid_dice"));
     assert!(report.model_dir.join(model_folder::WEIGHTS_FILE).is_file());
-    assert!(out.path().join("last/optimizer.safetensors").is_file());
+    assert!(report.last_checkpoint.ends_with("checkpoints/epoch-0005"));
+    assert!(report
+        .last_checkpoint
+        .join("optimizer.safetensors")
+        .is_file());
+    assert!(out.path().join("manifest.json").is_file());
 
     // Segment the validation subject from the model folder alone, and write it next to nothing else.
     let loaded = model_folder::load(&report.model_dir, &registry, Device::Cpu).unwrap();
@@ -213,7 +214,7 @@ fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
     )
     .unwrap();
     assert!(report.model_dir.is_dir());
-    std::fs::read(out.join("last").join(model_folder::WEIGHTS_FILE)).unwrap()
+    std::fs::read(report.last_checkpoint.join(model_folder::WEIGHTS_FILE)).unwrap()
 }
 
 #[test]

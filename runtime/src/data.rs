@@ -193,6 +193,42 @@ impl SliceSet {
         order
     }
 
+    /// Whether each slice's label has any foreground.
+    pub fn positive(&self) -> Vec<bool> {
+        let sums = self
+            .labels
+            .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
+        Vec::<f32>::try_from(&sums)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|sum| sum > 0.0)
+            .collect()
+    }
+
+    /// As many slice indices as the set holds, drawn with replacement so that slices with and without
+    /// foreground come up equally often (ivadomed's balanced sampler). Falls back to a shuffle when one of the
+    /// two kinds is absent.
+    pub fn balanced(&self, seed: u64) -> Vec<i64> {
+        use rand::Rng;
+        let positive = self.positive();
+        let (with, without): (Vec<i64>, Vec<i64>) =
+            (0..self.len() as i64).partition(|&i| positive[i as usize]);
+        if with.is_empty() || without.is_empty() {
+            return self.shuffled(seed);
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..self.len())
+            .map(|_| {
+                let pool = if rng.random_bool(0.5) {
+                    &with
+                } else {
+                    &without
+                };
+                pool[rng.random_range(0..pool.len())]
+            })
+            .collect()
+    }
+
     /// One batch through a random augmentation pipeline, on `device`. Each slice gets one draw, seeded by
     /// (run seed, epoch, slice index), applied to its image and label alike, so a batch is the same whatever
     /// else ran before it. Labels are binarised again after the spatial transforms.

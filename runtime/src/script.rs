@@ -12,7 +12,7 @@ use crate::train::{seed_everything, train, TrainConfig};
 use crate::{infer, metrics, phantom, transfer, volume};
 use anyhow::{anyhow, Context, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -350,7 +350,11 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             check_keys(
                 "train",
                 &options,
-                &["train", "valid", "preprocess", "augment", "epochs", "batch_size", "learning_rate", "weight_decay", "seed", "out", "threshold"],
+                &[
+                    "train", "valid", "preprocess", "augment", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
+                    "out", "threshold", "loss", "optimizer", "scheduler", "early_stopping_patience",
+                    "early_stopping_epsilon", "mixup_alpha", "gradient_clip", "balanced_epochs", "resume", "keep_checkpoints",
+                ],
             )?;
             let train_set = dataset_option(&options, "train")?;
             let valid_set = dataset_option(&options, "valid")?;
@@ -366,16 +370,49 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 )?)),
                 None => None,
             };
+            let optimizer = match options.get("optimizer") {
+                Some(value) => {
+                    if options.contains_key("learning_rate") || options.contains_key("weight_decay") {
+                        return Err(script_error(anyhow!(
+                            "train: give `learning_rate`/`weight_decay` inside `optimizer` (as `lr`/`weight_decay`), not both"
+                        )));
+                    }
+                    to_json(value)?
+                }
+                None => json!({
+                    "name": "Adam",
+                    "lr": option(&options, "learning_rate", 1e-3, number)?,
+                    "weight_decay": option(&options, "weight_decay", 0.0, number)?,
+                }),
+            };
+            let optional_number = |key: &str| -> ScriptResult<Option<f64>> {
+                options.get(key).map(|v| number(v).ok_or_else(|| script_error(anyhow!("train: `{key}` must be a number, got {v}")))).transpose()
+            };
             let config = TrainConfig {
                 epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
                 batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
-                learning_rate: option(&options, "learning_rate", 1e-3, number)?,
-                weight_decay: option(&options, "weight_decay", 0.0, number)?,
                 seed: option(&options, "seed", 0, integer)? as u64,
                 out_dir: PathBuf::from(option(&options, "out", "runs/experiment".to_owned(), text)?),
                 device: context.device.get(),
                 threshold: option(&options, "threshold", 0.5, number)?,
                 progress: context.progress,
+                loss: match options.get("loss") {
+                    Some(value) => to_json(value)?,
+                    None => json!({"name": "DiceLoss"}),
+                },
+                optimizer,
+                scheduler: options.get("scheduler").map(to_json).transpose()?,
+                early_stopping_patience: options
+                    .get("early_stopping_patience")
+                    .map(|v| integer(v).filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| script_error(anyhow!("train: `early_stopping_patience` must be a positive integer, got {v}"))))
+                    .transpose()?,
+                early_stopping_epsilon: option(&options, "early_stopping_epsilon", 0.001, number)?,
+                mixup_alpha: optional_number("mixup_alpha")?,
+                gradient_clip: optional_number("gradient_clip")?,
+                balanced_epochs: option(&options, "balanced_epochs", 0, integer)?.max(0) as usize,
+                resume: option(&options, "resume", false, |v| v.as_bool().ok())?,
+                keep_checkpoints: option(&options, "keep_checkpoints", 2, integer)?.max(2) as usize,
+                manifest: Value::Null,
             };
             let train_slices = SliceSet::build(&train_set.entries, &pipeline, config.seed).map_err(script_error)?;
             let valid_slices = SliceSet::build(&valid_set.entries, &pipeline, config.seed).map_err(script_error)?;
@@ -417,6 +454,9 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             result.insert("best_epoch".into(), (report.best_epoch as i64).into());
             result.insert("model_dir".into(), report.model_dir.display().to_string().into());
             result.insert("metrics_csv".into(), report.metrics_csv.display().to_string().into());
+            result.insert("last_checkpoint".into(), report.last_checkpoint.display().to_string().into());
+            result.insert("stopped_early".into(), report.stopped_early.into());
+            result.insert("resumed_from".into(), (report.resumed_from as i64).into());
             result.insert("history".into(), history.into());
             Ok(result)
         });

@@ -1,36 +1,93 @@
-//! The training loop: Dice loss, host-owned Adam, validation Dice every epoch, best and last model folders,
-//! a metrics CSV, and progress bars.
+//! The training loop: any loss, a host-owned optimizer and LR schedule, early stopping, mixup, gradient
+//! clipping, balanced sampling, validation every epoch, best model folder, crash-safe checkpoints that resume
+//! exactly, a metrics CSV, a run manifest and progress bars.
+//!
+//! Exact resume rests on one rule: everything random in an epoch is a function of (seed, epoch). The slice
+//! order and augmentation draws derive their seeds from it, and libtorch's global RNG (dropout) is reseeded
+//! from it at the start of every epoch. So a checkpoint only has to hold weights, optimizer and scheduler
+//! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
+//! bit for bit.
 use crate::data::SliceSet;
-use crate::metrics::{dice_loss, Overlap};
-use crate::model_folder::{self, write_atomic};
-use crate::optim::Adam;
+use crate::losses::Loss;
+use crate::metrics::Overlap;
+use crate::model_folder::{self, sha256_file, write_atomic};
+use crate::optim::Optimizer;
 use crate::pipeline::{derive_seed, LivePipeline, Pipeline};
 use crate::plugin::PluginModel;
-use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::schedule::{Better, EarlyStopping, LrScheduler, StepUnit};
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use ivado_sdk::Mode;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
     pub seed: u64,
-    /// Run folder: gets `metrics.csv`, `model/` (best) and `last/`.
+    /// Run folder: gets `metrics.csv`, `manifest.json`, `model/` (best) and `checkpoints/`.
     pub out_dir: PathBuf,
     pub device: Device,
     /// Binarisation threshold for validation Dice.
     pub threshold: f64,
     /// Show progress bars (they are hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// ivadomed's `loss` object, e.g. `{"name": "DiceLoss"}`.
+    pub loss: Value,
+    /// `{"name": "Adam", "lr": 0.001, ...}` (see `optim::OptimizerConfig`).
+    pub optimizer: Value,
+    /// ivadomed's `scheduler` object; `None` keeps the optimizer's rate.
+    pub scheduler: Option<Value>,
+    /// Stop after this many epochs without a validation-loss improvement larger than `early_stopping_epsilon`.
+    pub early_stopping_patience: Option<usize>,
+    pub early_stopping_epsilon: f64,
+    /// Mixup with λ ~ Beta(α, α) per batch (ivadomed's `mixup_alpha`).
+    pub mixup_alpha: Option<f64>,
+    /// Clip the total gradient norm to this value.
+    pub gradient_clip: Option<f64>,
+    /// Two-step class sampling: the first N epochs draw positive and negative slices equally often, the rest
+    /// follow the data's own distribution.
+    pub balanced_epochs: usize,
+    /// Continue from the newest valid checkpoint in `out_dir/checkpoints` when there is one.
+    pub resume: bool,
+    /// How many checkpoints to keep (at least 2, so a corrupt newest one has a fallback).
+    pub keep_checkpoints: usize,
+    /// Anything else to record in the manifest (the script's own options, dataset description).
+    pub manifest: Value,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+impl TrainConfig {
+    /// The defaults ivadomed users expect: Dice loss, Adam at 1e-3, no schedule.
+    pub fn new(out_dir: impl Into<PathBuf>, device: Device) -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 16,
+            seed: 0,
+            out_dir: out_dir.into(),
+            device,
+            threshold: 0.5,
+            progress: false,
+            loss: json!({"name": "DiceLoss"}),
+            optimizer: json!({"name": "Adam", "lr": 1e-3}),
+            scheduler: None,
+            early_stopping_patience: None,
+            early_stopping_epsilon: 0.001,
+            mixup_alpha: None,
+            gradient_clip: None,
+            balanced_epochs: 0,
+            resume: false,
+            keep_checkpoints: 2,
+            manifest: Value::Null,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub train_loss: f64,
@@ -48,12 +105,19 @@ pub struct TrainReport {
     /// The best model folder.
     pub model_dir: PathBuf,
     pub metrics_csv: PathBuf,
+    /// The newest checkpoint (itself a model folder, plus optimizer and loop state).
+    pub last_checkpoint: PathBuf,
+    /// Early stopping ended the run before `epochs`.
+    pub stopped_early: bool,
+    /// The epoch training resumed after (0 for a fresh run).
+    pub resumed_from: usize,
 }
 
-/// Mean Dice loss and mean per-volume hard Dice of `model` over `set`, in eval mode.
+/// Mean loss and mean per-volume hard Dice of `model` over `set`, in eval mode.
 pub fn evaluate(
     model: &PluginModel,
     set: &SliceSet,
+    loss: &Loss,
     batch_size: usize,
     device: Device,
     threshold: f64,
@@ -66,7 +130,7 @@ pub fn evaluate(
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = set.batch(chunk, device);
             let predictions = model.forward(&[&images], Mode::Eval)?;
-            loss_sum += dice_loss(&predictions, &labels, 1.0).double_value(&[]);
+            loss_sum += loss.compute(&predictions, &labels)?.double_value(&[]);
             batches += 1;
             for (&index, overlap) in
                 chunk
@@ -82,7 +146,7 @@ pub fn evaluate(
     Ok((loss_sum / batches.max(1) as f64, mean_dice))
 }
 
-fn write_metrics(path: &std::path::Path, history: &[EpochRecord]) -> Result<()> {
+fn write_metrics(path: &Path, history: &[EpochRecord]) -> Result<()> {
     let mut csv = String::from("epoch,train_loss,valid_loss,valid_dice,learning_rate,seconds\n");
     for r in history {
         csv.push_str(&format!(
@@ -93,128 +157,578 @@ fn write_metrics(path: &std::path::Path, history: &[EpochRecord]) -> Result<()> 
     write_atomic(path, csv.as_bytes())
 }
 
-/// Trains `model` on `train`, validating on `valid` after every epoch. `data` describes the inputs (contrasts,
-/// slice axis) for the model folder. `augment`, when given, is applied to every training batch (one seeded draw
-/// per slice and epoch); it is read once per batch, so a hot-reloaded version takes effect at the next batch.
-pub fn train(
-    model: &PluginModel,
-    pipeline: &Pipeline,
-    train: &SliceSet,
-    valid: &SliceSet,
-    data: &Value,
-    config: &TrainConfig,
-    augment: Option<&LivePipeline>,
-) -> Result<TrainReport> {
-    if train.is_empty() || valid.is_empty() {
-        bail!(
-            "training needs slices in both sets (train {}, valid {})",
-            train.len(),
-            valid.len()
-        );
-    }
-    std::fs::create_dir_all(&config.out_dir)?;
-    let parameters = model
-        .trainable()
-        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-        .collect();
-    let mut optimizer = Adam::new(parameters, config.learning_rate, config.weight_decay);
-    let metrics_csv = config.out_dir.join("metrics.csv");
-    let model_dir = config.out_dir.join("model");
-    let last_dir = config.out_dir.join("last");
-    let batch_size = config.batch_size.max(1);
-    let batches_per_epoch = train.len().div_ceil(batch_size);
+/// libtorch's global RNG drives dropout; reseeding it per epoch makes each epoch's draws a function of
+/// (seed, epoch) alone.
+fn seed_epoch(seed: u64, epoch: usize) {
+    tch::manual_seed((derive_seed(seed, 0xE90C_0000 + epoch as u64) >> 1) as i64);
+}
 
-    let mut history: Vec<EpochRecord> = Vec::new();
-    let mut best: Option<(usize, f64)> = None;
-    let style = ProgressStyle::with_template(
-        "epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}<{eta})",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    for epoch in 1..=config.epochs {
-        let started = Instant::now();
-        let bar = if config.progress {
-            ProgressBar::new(batches_per_epoch as u64)
-        } else {
-            ProgressBar::hidden()
+/// Sum of squared gradient norms over the trainable parameters, then a uniform rescale when above `max_norm`
+/// (PyTorch's `clip_grad_norm_` with the L2 norm). Returns the norm before clipping.
+fn clip_gradients(model: &PluginModel, max_norm: f64) -> f64 {
+    let gradients: Vec<Tensor> = model
+        .trainable()
+        .map(|p| p.tensor.grad())
+        .filter(Tensor::defined)
+        .collect();
+    if gradients.is_empty() {
+        return 0.0;
+    }
+    let total = tch::no_grad(|| {
+        gradients
+            .iter()
+            .map(|g| g.square().sum(Kind::Float))
+            .reduce(|a, b| a + b)
+            .expect("non-empty")
+            .sqrt()
+            .double_value(&[])
+    });
+    let coefficient = max_norm / (total + 1e-6);
+    if coefficient < 1.0 {
+        tch::no_grad(|| {
+            for gradient in &gradients {
+                let _ = gradient.shallow_clone().f_mul_scalar_(coefficient);
+            }
+        });
+    }
+    total
+}
+
+/// ivadomed's mixup: λ ~ Beta(α, α), each image and label mixed with another of the same batch.
+fn mixup(images: &Tensor, labels: &Tensor, alpha: f64, seed: u64) -> Result<(Tensor, Tensor)> {
+    use rand::seq::SliceRandom;
+    use rand_distr::{Beta, Distribution};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let lambda = Beta::new(alpha, alpha)
+        .with_context(|| format!("mixup_alpha must be positive, got {alpha}"))?
+        .sample(&mut rng);
+    let mut permutation: Vec<i64> = (0..images.size()[0]).collect();
+    permutation.shuffle(&mut rng);
+    let index = Tensor::from_slice(&permutation).to_device(images.device());
+    let mix = |t: &Tensor| t * lambda + t.index_select(0, &index) * (1.0 - lambda);
+    Ok((mix(images), mix(labels)))
+}
+
+/// The loop state that a checkpoint holds besides weights and optimizer tensors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoopState {
+    epoch: usize,
+    history: Vec<EpochRecord>,
+    best_epoch: usize,
+    best_dice: Option<f64>,
+    optimizer: Value,
+    scheduler: Option<Value>,
+    early_stopping: Option<Value>,
+    /// sha256 of each file of the checkpoint, checked before resuming.
+    files: std::collections::BTreeMap<String, String>,
+}
+
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+fn checkpoint_name(epoch: usize) -> String {
+    format!("epoch-{epoch:04}")
+}
+
+/// Completed checkpoints, newest first. Half-written ones (`*.partial`) are ignored.
+fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let epoch = name.strip_prefix("epoch-")?.parse().ok()?;
+            Some((epoch, entry.path()))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found
+}
+
+/// Reads a checkpoint's loop state after checking every file against its recorded sha256.
+fn read_checkpoint(dir: &Path) -> Result<LoopState> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    let state: LoopState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid checkpoint state", state_path.display()))?;
+    for (file, expected) in &state.files {
+        let actual = sha256_file(&dir.join(file))?;
+        if &actual != expected {
+            bail!(
+                "{}: sha256 {actual} does not match the recorded {expected}",
+                dir.join(file).display()
+            );
+        }
+    }
+    Ok(state)
+}
+
+/// One training run, epoch by epoch. [`train`] drives it to the end; a script can call
+/// [`Trainer::run_epoch`] itself to act between epochs.
+pub struct Trainer<'a> {
+    model: &'a PluginModel,
+    pipeline: &'a Pipeline,
+    train_set: &'a SliceSet,
+    valid_set: &'a SliceSet,
+    data: &'a Value,
+    config: &'a TrainConfig,
+    augment: Option<&'a LivePipeline>,
+    loss: Loss,
+    optimizer: Optimizer,
+    scheduler: Option<LrScheduler>,
+    early_stopping: Option<EarlyStopping>,
+    history: Vec<EpochRecord>,
+    best: Option<(usize, f64)>,
+    stopped_early: bool,
+    resumed_from: usize,
+    last_checkpoint: Option<PathBuf>,
+    progress: MultiProgress,
+    epoch_bar: ProgressBar,
+    started: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        model: &'a PluginModel,
+        pipeline: &'a Pipeline,
+        train_set: &'a SliceSet,
+        valid_set: &'a SliceSet,
+        data: &'a Value,
+        config: &'a TrainConfig,
+        augment: Option<&'a LivePipeline>,
+    ) -> Result<Self> {
+        if train_set.is_empty() || valid_set.is_empty() {
+            bail!(
+                "training needs slices in both sets (train {}, valid {})",
+                train_set.len(),
+                valid_set.len()
+            );
+        }
+        std::fs::create_dir_all(&config.out_dir)
+            .with_context(|| format!("creating {}", config.out_dir.display()))?;
+        let loss = Loss::from_config(&config.loss).context("training option `loss`")?;
+        let parameters = model
+            .trainable()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
+        let mut optimizer = Optimizer::from_config(&config.optimizer, parameters)
+            .context("training option `optimizer`")?;
+        let mut scheduler = match &config.scheduler {
+            Some(value) => Some(
+                LrScheduler::from_config(value, config.epochs as u64)
+                    .context("training option `scheduler`")?,
+            ),
+            None => None,
         };
-        bar.set_style(style.clone());
+        if let Some(scheduler) = &scheduler {
+            optimizer.set_lr(scheduler.lr());
+        }
+        let early_stopping = match config.early_stopping_patience {
+            Some(patience) => Some(EarlyStopping::new(
+                patience,
+                config.early_stopping_epsilon,
+                Better::Lower,
+            )?),
+            None => None,
+        };
+        let progress = if config.progress {
+            MultiProgress::new()
+        } else {
+            MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+        };
+        let epoch_bar = progress.add(ProgressBar::new(config.epochs as u64));
+        epoch_bar.set_style(
+            ProgressStyle::with_template("epochs [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let mut trainer = Self {
+            model,
+            pipeline,
+            train_set,
+            valid_set,
+            data,
+            config,
+            augment,
+            loss,
+            optimizer,
+            scheduler: None,
+            early_stopping,
+            history: Vec::new(),
+            best: None,
+            stopped_early: false,
+            resumed_from: 0,
+            last_checkpoint: None,
+            progress,
+            epoch_bar,
+            started: Instant::now(),
+        };
+        if config.resume {
+            trainer.resume(&mut scheduler)?;
+        }
+        trainer.scheduler = scheduler;
+        trainer.epoch_bar.set_position(trainer.history.len() as u64);
+        trainer.write_manifest(None)?;
+        Ok(trainer)
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.config.out_dir.join("checkpoints")
+    }
+
+    /// Restores the newest checkpoint whose files match their checksums, falling back to older ones.
+    fn resume(&mut self, scheduler: &mut Option<LrScheduler>) -> Result<()> {
+        for (epoch, dir) in checkpoints(&self.checkpoint_dir()) {
+            let state = match read_checkpoint(&dir) {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(
+                        "checkpoint {} is unusable, trying the previous one: {error:#}",
+                        dir.display()
+                    );
+                    continue;
+                }
+            };
+            model_folder::load_weights(self.model, &dir.join(model_folder::WEIGHTS_FILE))?;
+            let tensors = Tensor::read_safetensors(dir.join(OPTIMIZER_FILE))
+                .with_context(|| format!("reading {}", dir.join(OPTIMIZER_FILE).display()))?;
+            self.optimizer
+                .load_state(&tensors, &state.optimizer)
+                .with_context(|| format!("restoring the optimizer from {}", dir.display()))?;
+            if let (Some(scheduler), Some(saved)) = (scheduler.as_mut(), &state.scheduler) {
+                scheduler.load_state(saved)?;
+            }
+            if let (Some(early), Some(saved)) =
+                (self.early_stopping.as_mut(), &state.early_stopping)
+            {
+                early.load_state(saved)?;
+            }
+            self.history = state.history;
+            self.best = state.best_dice.map(|dice| (state.best_epoch, dice));
+            self.resumed_from = epoch;
+            self.last_checkpoint = Some(dir.clone());
+            self.stopped_early = self
+                .early_stopping
+                .as_ref()
+                .is_some_and(EarlyStopping::should_stop);
+            tracing::info!("resuming after epoch {epoch} from {}", dir.display());
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// The next epoch to run (1-based).
+    pub fn next_epoch(&self) -> usize {
+        self.history.len() + 1
+    }
+
+    pub fn finished(&self) -> bool {
+        self.stopped_early || self.history.len() >= self.config.epochs
+    }
+
+    pub fn history(&self) -> &[EpochRecord] {
+        &self.history
+    }
+
+    /// Trains one epoch, validates, writes the metrics and checkpoints. Returns the epoch's record.
+    pub fn run_epoch(&mut self) -> Result<EpochRecord> {
+        let config = self.config;
+        let epoch = self.next_epoch();
+        let started = Instant::now();
+        seed_epoch(config.seed, epoch);
+        let batch_size = config.batch_size.max(1);
+        let order_seed = derive_seed(config.seed, epoch as u64);
+        let order = if epoch <= config.balanced_epochs {
+            self.train_set.balanced(order_seed)
+        } else {
+            self.train_set.shuffled(order_seed)
+        };
+        let batches = order.len().div_ceil(batch_size);
+        let bar = self.progress.add(ProgressBar::new(batches as u64));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} batches {msg} ({elapsed}<{eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
         bar.set_prefix(format!("{epoch}/{}", config.epochs));
-        let order = train.shuffled(derive_seed(config.seed, epoch as u64));
         let mut loss_sum = 0.0;
-        for chunk in order.chunks(batch_size) {
-            let (images, labels) = match augment {
-                Some(live) => train.augmented_batch(
+        for (batch_index, chunk) in order.chunks(batch_size).enumerate() {
+            let (mut images, mut labels) = match self.augment {
+                Some(live) => self.train_set.augmented_batch(
                     chunk,
                     &live.current(),
                     config.seed,
                     epoch as u64,
                     config.device,
                 )?,
-                None => train.batch(chunk, config.device),
+                None => self.train_set.batch(chunk, config.device),
             };
-            let predictions = model.forward(&[&images], Mode::Train)?;
-            let loss = dice_loss(&predictions, &labels, 1.0);
-            optimizer.zero_grad()?;
+            if let Some(alpha) = config.mixup_alpha {
+                let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
+                (images, labels) = mixup(&images, &labels, alpha, seed)?;
+            }
+            let predictions = self.model.forward(&[&images], Mode::Train)?;
+            let loss = self.loss.compute(&predictions, &labels)?;
+            self.optimizer.zero_grad()?;
             loss.backward();
-            optimizer.step()?;
+            if let Some(max_norm) = config.gradient_clip {
+                clip_gradients(self.model, max_norm);
+            }
+            self.optimizer.step()?;
+            if let Some(scheduler) = self.scheduler.as_mut() {
+                if scheduler.unit() == StepUnit::Batch {
+                    self.optimizer.set_lr(scheduler.step());
+                }
+            }
             let value = loss.double_value(&[]);
             if !value.is_finite() {
-                bail!("training diverged at epoch {epoch}: loss is {value}");
+                bail!(
+                    "training diverged at epoch {epoch}, batch {}: loss is {value}",
+                    batch_index + 1
+                );
             }
             loss_sum += value;
-            bar.set_message(format!("loss {value:.4}"));
+            bar.set_message(format!("loss {value:.4}  lr {:.2e}", self.optimizer.lr()));
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let train_loss = loss_sum / batches_per_epoch as f64;
-        let (valid_loss, valid_dice) =
-            evaluate(model, valid, batch_size, config.device, config.threshold)?;
+        self.progress.remove(&bar);
+        let learning_rate = self.optimizer.lr();
+        if let Some(scheduler) = self.scheduler.as_mut() {
+            if scheduler.unit() == StepUnit::Epoch {
+                self.optimizer.set_lr(scheduler.step());
+            }
+        }
+        let train_loss = loss_sum / batches.max(1) as f64;
+        let (valid_loss, valid_dice) = evaluate(
+            self.model,
+            self.valid_set,
+            &self.loss,
+            batch_size,
+            config.device,
+            config.threshold,
+        )?;
         let record = EpochRecord {
             epoch,
             train_loss,
             valid_loss,
             valid_dice,
-            learning_rate: config.learning_rate,
+            learning_rate,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let improved = best.is_none_or(|(_, dice)| valid_dice > dice);
-        println!(
-            "epoch {epoch:>3}/{}  train loss {train_loss:+.4}  valid loss {valid_loss:+.4}  valid Dice {valid_dice:.4}{}  ({:.1} s)",
-            config.epochs,
-            if improved { " *" } else { "" },
-            record.seconds
-        );
-        history.push(record);
-        write_metrics(&metrics_csv, &history)?;
-        let training = |kind: &str| {
-            json!({
-                "checkpoint": kind, "epoch": epoch, "valid_dice": valid_dice, "seed": config.seed,
-                "epochs": config.epochs, "batch_size": batch_size, "learning_rate": config.learning_rate,
-                "loss": "dice", "optimizer": "adam", "optimizer_step": optimizer.step,
-            })
-        };
-        if improved {
-            best = Some((epoch, valid_dice));
-            model_folder::save(&model_dir, model, pipeline, data, &training("best"))?;
+        let improved = self.best.is_none_or(|(_, dice)| valid_dice > dice);
+        if let Some(early) = self.early_stopping.as_mut() {
+            self.stopped_early = early.observe(valid_loss).stop;
         }
-        model_folder::save(&last_dir, model, pipeline, data, &training("last"))?;
-        model_folder::write_safetensors_atomic(
-            &last_dir.join("optimizer.safetensors"),
-            &optimizer.state(),
-        )?;
+        self.progress.suspend(|| {
+            println!(
+                "epoch {epoch:>3}/{}  train loss {train_loss:+.4}  valid loss {valid_loss:+.4}  valid Dice {valid_dice:.4}{}  lr {learning_rate:.2e}  ({:.1} s)",
+                config.epochs,
+                if improved { " *" } else { "" },
+                record.seconds
+            )
+        });
+        self.history.push(record.clone());
+        write_metrics(&config.out_dir.join("metrics.csv"), &self.history)?;
+        if improved {
+            self.best = Some((epoch, valid_dice));
+            model_folder::save(
+                &config.out_dir.join("model"),
+                self.model,
+                self.pipeline,
+                self.data,
+                &self.training_metadata("best", epoch),
+            )?;
+        }
+        self.checkpoint(epoch)?;
+        if self.stopped_early {
+            tracing::info!(
+                "early stopping after epoch {epoch}: no validation-loss improvement above {} for {} epochs",
+                config.early_stopping_epsilon,
+                config.early_stopping_patience.unwrap_or(0)
+            );
+        }
+        let (best_epoch, best_dice) = self.best.expect("set above");
+        self.epoch_bar
+            .set_message(format!("best Dice {best_dice:.4} (epoch {best_epoch})"));
+        self.epoch_bar.inc(1);
+        if self.finished() {
+            self.epoch_bar.finish_and_clear();
+            self.write_manifest(Some(self.started.elapsed().as_secs_f64()))?;
+        }
+        Ok(record)
     }
-    let (best_epoch, best_dice) = best.expect("at least one epoch");
-    Ok(TrainReport {
-        history,
-        best_epoch,
-        best_dice,
-        model_dir,
-        metrics_csv,
-    })
+
+    fn training_metadata(&self, kind: &str, epoch: usize) -> Value {
+        let record = self.history.last();
+        json!({
+            "checkpoint": kind,
+            "epoch": epoch,
+            "seed": self.config.seed,
+            "valid_dice": record.map(|r| r.valid_dice),
+            "valid_loss": record.map(|r| r.valid_loss),
+            "epochs": self.config.epochs,
+            "batch_size": self.config.batch_size,
+            "loss": self.config.loss,
+            "optimizer": self.config.optimizer,
+            "scheduler": self.config.scheduler,
+            "optimizer_steps": self.optimizer.steps_taken(),
+        })
+    }
+
+    /// Writes `checkpoints/epoch-NNNN` as a whole: every file goes into a `.partial` folder that is renamed
+    /// into place once complete, so a crash leaves either the old set of checkpoints or the new one.
+    fn checkpoint(&mut self, epoch: usize) -> Result<()> {
+        let root = self.checkpoint_dir();
+        let name = checkpoint_name(epoch);
+        let partial = root.join(format!("{name}.partial"));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)
+                .with_context(|| format!("removing {}", partial.display()))?;
+        }
+        model_folder::save(
+            &partial,
+            self.model,
+            self.pipeline,
+            self.data,
+            &self.training_metadata("last", epoch),
+        )?;
+        model_folder::write_safetensors_atomic(
+            &partial.join(OPTIMIZER_FILE),
+            &self.optimizer.state(),
+        )?;
+        let mut files = std::collections::BTreeMap::new();
+        for file in [
+            model_folder::WEIGHTS_FILE,
+            model_folder::CONFIG_FILE,
+            OPTIMIZER_FILE,
+        ] {
+            files.insert(file.to_owned(), sha256_file(&partial.join(file))?);
+        }
+        let state = LoopState {
+            epoch,
+            history: self.history.clone(),
+            best_epoch: self.best.map_or(0, |(e, _)| e),
+            best_dice: self.best.map(|(_, d)| d),
+            optimizer: self.optimizer.scalars(),
+            scheduler: self.scheduler.as_ref().map(LrScheduler::state),
+            early_stopping: self.early_stopping.as_ref().map(EarlyStopping::state),
+            files,
+        };
+        write_atomic(
+            &partial.join(STATE_FILE),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
+        let target = root.join(&name);
+        if target.exists() {
+            // Re-running an epoch after a resume from an older checkpoint.
+            std::fs::remove_dir_all(&target)
+                .with_context(|| format!("removing {}", target.display()))?;
+        }
+        std::fs::rename(&partial, &target)
+            .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))?;
+        for (_, old) in checkpoints(&root)
+            .into_iter()
+            .skip(self.config.keep_checkpoints.max(2))
+        {
+            std::fs::remove_dir_all(&old).ok();
+        }
+        self.last_checkpoint = Some(target);
+        Ok(())
+    }
+
+    /// `manifest.json`: what a reader needs to reproduce or audit the run.
+    fn write_manifest(&self, total_seconds: Option<f64>) -> Result<()> {
+        let library = self.model.library();
+        let git_revision = std::process::Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let manifest = json!({
+            "ivado_version": env!("CARGO_PKG_VERSION"),
+            "libtorch_version": ivado_sdk::abi::LIBTORCH_VERSION,
+            "plugin": {"name": library.name, "version": library.version, "path": library.path},
+            "architecture": self.model.architecture,
+            "architecture_config": self.model.config,
+            "parameters": self.model.learnable_count(),
+            "seed": self.config.seed,
+            "device": crate::device::describe(self.config.device),
+            "threads": tch::get_num_threads(),
+            "git_revision": git_revision,
+            "training": {
+                "epochs": self.config.epochs,
+                "batch_size": self.config.batch_size,
+                "loss": self.config.loss,
+                "optimizer": self.config.optimizer,
+                "scheduler": self.config.scheduler,
+                "early_stopping_patience": self.config.early_stopping_patience,
+                "early_stopping_epsilon": self.config.early_stopping_epsilon,
+                "mixup_alpha": self.config.mixup_alpha,
+                "gradient_clip": self.config.gradient_clip,
+                "balanced_epochs": self.config.balanced_epochs,
+            },
+            "preprocess": self.pipeline.specs(),
+            "augment": self.augment.map(|live| live.current().specs()),
+            "data": self.data,
+            "slices": {"train": self.train_set.len(), "valid": self.valid_set.len()},
+            "resumed_from_epoch": self.resumed_from,
+            "epoch_seconds": self.history.iter().map(|r| r.seconds).collect::<Vec<_>>(),
+            "total_seconds": total_seconds,
+            "script": self.config.manifest,
+        });
+        write_atomic(
+            &self.config.out_dir.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )
+    }
+
+    pub fn report(&self) -> Result<TrainReport> {
+        let Some((best_epoch, best_dice)) = self.best else {
+            bail!("no epoch has run yet");
+        };
+        Ok(TrainReport {
+            history: self.history.clone(),
+            best_epoch,
+            best_dice,
+            model_dir: self.config.out_dir.join("model"),
+            metrics_csv: self.config.out_dir.join("metrics.csv"),
+            last_checkpoint: self
+                .last_checkpoint
+                .clone()
+                .unwrap_or_else(|| self.checkpoint_dir()),
+            stopped_early: self.stopped_early,
+            resumed_from: self.resumed_from,
+        })
+    }
 }
 
-/// Sets libtorch's global seed so weight initialisation and dropout repeat for the same seed.
+/// Trains `model` on `train_set`, validating on `valid_set` after every epoch, until `config.epochs` or early
+/// stopping. `data` describes the inputs (contrasts, split) for the model folder. `augment`, when given, is
+/// applied to every training batch (one seeded draw per slice and epoch); it is read once per batch, so a
+/// hot-reloaded version takes effect at the next batch.
+pub fn train(
+    model: &PluginModel,
+    pipeline: &Pipeline,
+    train_set: &SliceSet,
+    valid_set: &SliceSet,
+    data: &Value,
+    config: &TrainConfig,
+    augment: Option<&LivePipeline>,
+) -> Result<TrainReport> {
+    let mut trainer = Trainer::new(model, pipeline, train_set, valid_set, data, config, augment)?;
+    while !trainer.finished() {
+        trainer.run_epoch()?;
+    }
+    trainer.report()
+}
+
+/// Sets libtorch's global seed so weight initialisation repeats for the same seed.
 pub fn seed_everything(seed: u64) {
     tch::manual_seed(seed as i64);
 }
