@@ -242,7 +242,7 @@ fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
             Some((epoch, entry.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|entry| std::cmp::Reverse(entry.0));
     found
 }
 
