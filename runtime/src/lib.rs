@@ -12,6 +12,7 @@ pub mod optim;
 pub mod phantom;
 pub mod pipeline;
 pub mod plugin;
+pub mod report;
 pub mod scaffold;
 pub mod schedule;
 pub mod script;
