@@ -13,6 +13,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod plugin;
 pub mod precision;
+pub mod report;
 pub mod scaffold;
 pub mod schedule;
 pub mod script;
