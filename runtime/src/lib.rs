@@ -15,6 +15,8 @@ pub mod plugin;
 pub mod scaffold;
 pub mod schedule;
 pub mod script;
+pub mod stats;
+pub mod sweep;
 pub mod torchscript;
 pub mod train;
 pub mod transfer;
