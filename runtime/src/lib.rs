@@ -17,6 +17,8 @@ pub mod report;
 pub mod scaffold;
 pub mod schedule;
 pub mod script;
+pub mod stats;
+pub mod sweep;
 pub mod torchscript;
 pub mod train;
 pub mod transfer;

@@ -3,8 +3,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
-use ivado_runtime::script::{run_file, ScriptContext};
-use ivado_runtime::{bench, infer, model_folder, scaffold, torchscript, transfer};
+use ivado_runtime::script::{run_file_with_params, ScriptContext};
+use ivado_runtime::{bench, infer, model_folder, scaffold, sweep, torchscript, transfer};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,9 +38,29 @@ struct Cli {
 enum Command {
     /// Run an experiment script; arguments after the script are available to it as ARGS.
     Run {
+        /// Script parameter, available as `PARAMS.key` (int, float, bool, JSON list, else string); repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
         script: PathBuf,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run a script over a grid or random search of parameters and seeds, then tabulate the results.
+    Sweep {
+        /// Sweep file (JSON): script, args, out, grid or random, params, seeds, parallel, devices.
+        file: PathBuf,
+        /// Run nothing: write a Slurm job array (jobs.txt, sweep.sbatch) for the incomplete runs.
+        #[arg(long, conflicts_with = "collect")]
+        slurm: bool,
+        /// Run nothing: only aggregate the complete runs into sweep.csv and summary.csv.
+        #[arg(long)]
+        collect: bool,
+    },
+    /// Paired comparison of per-image test Dice of two runs or configurations (Wilcoxon, paired t-test).
+    Compare {
+        /// A run folder (with evaluation.csv) or a configuration folder (seed runs, averaged per image).
+        a: PathBuf,
+        b: PathBuf,
     },
     /// List the plugins found: name, version, kind and components, and files that failed to load.
     Plugins,
@@ -171,12 +191,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { script, args } => {
+        Command::Run {
+            script,
+            params,
+            args,
+        } => {
+            let params = sweep::parse_params(&params)?;
             let registry = PluginRegistry::discover(&search);
             let progress = !cli.no_progress && std::io::stderr().is_terminal();
-            run_file(
+            run_file_with_params(
                 &script,
                 &args,
+                &params,
                 ScriptContext {
                     registry,
                     device: device.into(),
@@ -184,6 +210,23 @@ fn run(cli: Cli) -> Result<()> {
                 },
             )
         }
+        Command::Sweep {
+            file,
+            slurm,
+            collect,
+        } => {
+            let mode = match (slurm, collect) {
+                (true, _) => sweep::SweepMode::Slurm,
+                (_, true) => sweep::SweepMode::Collect,
+                _ => sweep::SweepMode::Run,
+            };
+            let flags = sweep::ChildFlags {
+                device: cli.device.to_string(),
+                plugin_dirs: cli.plugin_dirs.clone(),
+            };
+            sweep::sweep_command(&file, mode, &flags)
+        }
+        Command::Compare { a, b } => sweep::compare_command(&a, &b),
         Command::Segment {
             model,
             image,

@@ -686,8 +686,19 @@ pub fn format_error(path: &Path, error: &EvalAltResult) -> String {
     }
 }
 
-/// Compiles and runs a script file, with `ARGS` bound to `args`.
+/// Compiles and runs a script file, with `ARGS` bound to `args` and `PARAMS` to an empty map.
 pub fn run_file(path: &Path, args: &[String], context: ScriptContext) -> Result<()> {
+    run_file_with_params(path, args, &serde_json::Map::new(), context)
+}
+
+/// Compiles and runs a script file, with `ARGS` bound to `args` and `PARAMS` to `params` (from
+/// `--param key=value`; scripts read `PARAMS.lr ?? 0.001`).
+pub fn run_file_with_params(
+    path: &Path,
+    args: &[String],
+    params: &serde_json::Map<String, serde_json::Value>,
+    context: ScriptContext,
+) -> Result<()> {
     if !path.is_file() {
         return Err(anyhow!("script {} not found", path.display()));
     }
@@ -698,6 +709,11 @@ pub fn run_file(path: &Path, args: &[String], context: ScriptContext) -> Result<
     let mut scope = Scope::new();
     let args: Array = args.iter().cloned().map(Dynamic::from).collect();
     scope.push_constant("ARGS", args);
+    let params: Map = rhai::serde::to_dynamic(params)
+        .ok()
+        .and_then(|value| value.try_cast::<Map>())
+        .ok_or_else(|| anyhow!("parameters cannot be given to a script: {params:?}"))?;
+    scope.push_constant("PARAMS", params);
     engine
         .run_ast_with_scope(&mut scope, &ast)
         .map_err(|e| anyhow!(format_error(path, &e)))
