@@ -38,6 +38,16 @@ struct Cli {
 enum Command {
     /// Run an experiment script; arguments after the script are available to it as ARGS.
     Run {
+        /// Hot-reload the augmentation steps' script files and plugin libraries while training (as `watch`).
+        #[arg(long)]
+        watch: bool,
+        script: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run an experiment script with hot reload: when a script transform's file or a transform plugin's
+    /// library used for augmentation changes, the next training batch uses the new version.
+    Watch {
         script: PathBuf,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -171,18 +181,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { script, args } => {
-            let registry = PluginRegistry::discover(&search);
-            let progress = !cli.no_progress && std::io::stderr().is_terminal();
-            run_file(
-                &script,
-                &args,
-                ScriptContext {
-                    registry,
-                    device: device.into(),
-                    progress,
-                },
-            )
+        Command::Run {
+            script,
+            args,
+            watch,
+        } => run_script(&search, device, cli.no_progress, &script, &args, watch),
+        Command::Watch { script, args } => {
+            run_script(&search, device, cli.no_progress, &script, &args, true)
         }
         Command::Segment {
             model,
@@ -294,6 +299,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_script(
+    search: &SearchPath,
+    device: tch::Device,
+    no_progress: bool,
+    script: &std::path::Path,
+    args: &[String],
+    watch: bool,
+) -> Result<()> {
+    let registry = PluginRegistry::discover(search);
+    let progress = !no_progress && std::io::stderr().is_terminal();
+    let watcher = if watch {
+        Some(std::sync::Arc::new(ivado_runtime::watch::Watcher::new()?))
+    } else {
+        None
+    };
+    run_file(
+        script,
+        args,
+        ScriptContext {
+            registry,
+            device: device.into(),
+            progress,
+            watcher,
+        },
+    )
 }
 
 fn main() -> ExitCode {
