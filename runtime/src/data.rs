@@ -1,7 +1,7 @@
 //! From an indexed BIDS dataset to batches: subject-level splits, image/label pairs checked against each
 //! other, and 2D axial slices run through the preprocessing pipeline.
 use crate::bids::BidsEntry;
-use crate::pipeline::{derive_seed, Pipeline};
+use crate::pipeline::{derive_seed, Phase, Pipeline};
 use crate::volume::{read_volume, Volume};
 use anyhow::{bail, Context, Result};
 use ivado_sdk::Sample;
@@ -137,8 +137,19 @@ pub struct SliceSet {
 }
 
 impl SliceSet {
-    /// Loads every entry's axial slices through `pipeline` (run once: it must be deterministic).
+    /// Loads every entry's axial slices through `pipeline`'s training-phase steps (run once: they must be
+    /// deterministic).
     pub fn build(entries: &[BidsEntry], pipeline: &Pipeline, seed: u64) -> Result<Self> {
+        Self::build_in(Phase::Training, entries, pipeline, seed)
+    }
+
+    /// [`SliceSet::build`] with the steps whose `dataset_type` includes `phase`.
+    pub fn build_in(
+        phase: Phase,
+        entries: &[BidsEntry],
+        pipeline: &Pipeline,
+        seed: u64,
+    ) -> Result<Self> {
         if entries.is_empty() {
             bail!("no images to load: the dataset split is empty");
         }
@@ -151,9 +162,12 @@ impl SliceSet {
             let (image, label) = load_pair(entry)?;
             for (z, sample) in axial_samples(&image, Some(&label)).into_iter().enumerate() {
                 let sample_seed = derive_seed(seed, (volumes.len() as u64) << 20 | z as u64);
-                let (sample, _) = pipeline.apply(sample, sample_seed).with_context(|| {
-                    format!("preprocessing slice {z} of {}", entry.image.display())
-                })?;
+                let (sample, _) =
+                    pipeline
+                        .apply_in(phase, sample, sample_seed)
+                        .with_context(|| {
+                            format!("preprocessing slice {z} of {}", entry.image.display())
+                        })?;
                 images.push(sample.get("image")?.shallow_clone());
                 // Labels stay binary through nearest-neighbour resampling; threshold anyway for soft inputs.
                 labels.push(sample.get("label")?.ge(0.5).to_kind(Kind::Float));

@@ -2,6 +2,7 @@
 //! preprocessing undone on each prediction, and the slices stacked back into the source's voxel grid.
 use crate::data::axial_samples;
 use crate::model_folder::LoadedModel;
+use crate::pipeline::Phase;
 use crate::volume::{read_volume, write_like, OutputType, Volume};
 use anyhow::{bail, Context, Result};
 use ivado_sdk::{Mode, Sample};
@@ -22,7 +23,7 @@ pub fn segment_volume(
     for (z, sample) in axial_samples(&source, None).into_iter().enumerate() {
         let (sample, records) = loaded
             .pipeline
-            .apply(sample, 0)
+            .apply_in(Phase::Testing, sample, 0)
             .with_context(|| format!("preprocessing slice {z} of {}", image_path.display()))?;
         inputs.push(sample.get("image")?.shallow_clone());
         undo.push((sample.meta, records));

@@ -41,6 +41,19 @@ enum Command {
         /// Script parameter, available as `PARAMS.key` (int, float, bool, JSON list, else string); repeatable.
         #[arg(long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
+        /// Hot-reload the augmentation steps' script files and plugin libraries while training (as `watch`).
+        #[arg(long)]
+        watch: bool,
+        script: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run an experiment script with hot reload: when a script transform's file or a transform plugin's
+    /// library used for augmentation changes, the next training batch uses the new version.
+    Watch {
+        /// Script parameter, available as `PARAMS.key`; repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
         script: PathBuf,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -195,21 +208,29 @@ fn run(cli: Cli) -> Result<()> {
             script,
             params,
             args,
-        } => {
-            let params = sweep::parse_params(&params)?;
-            let registry = PluginRegistry::discover(&search);
-            let progress = !cli.no_progress && std::io::stderr().is_terminal();
-            run_file_with_params(
-                &script,
-                &args,
-                &params,
-                ScriptContext {
-                    registry,
-                    device: device.into(),
-                    progress,
-                },
-            )
-        }
+            watch,
+        } => run_script(
+            &search,
+            device,
+            cli.no_progress,
+            &script,
+            &args,
+            &params,
+            watch,
+        ),
+        Command::Watch {
+            script,
+            params,
+            args,
+        } => run_script(
+            &search,
+            device,
+            cli.no_progress,
+            &script,
+            &args,
+            &params,
+            true,
+        ),
         Command::Sweep {
             file,
             slurm,
@@ -337,6 +358,36 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_script(
+    search: &SearchPath,
+    device: tch::Device,
+    no_progress: bool,
+    script: &std::path::Path,
+    args: &[String],
+    params: &[String],
+    watch: bool,
+) -> Result<()> {
+    let params = sweep::parse_params(params)?;
+    let registry = PluginRegistry::discover(search);
+    let progress = !no_progress && std::io::stderr().is_terminal();
+    let watcher = if watch {
+        Some(std::sync::Arc::new(ivado_runtime::watch::Watcher::new()?))
+    } else {
+        None
+    };
+    run_file_with_params(
+        script,
+        args,
+        &params,
+        ScriptContext {
+            registry,
+            device: device.into(),
+            progress,
+            watcher,
+        },
+    )
 }
 
 fn main() -> ExitCode {

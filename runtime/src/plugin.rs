@@ -485,6 +485,11 @@ impl PluginTransform {
         })
     }
 
+    /// The library this transform came from (hot reload finds its file through it).
+    pub fn library(&self) -> &Arc<PluginLibrary> {
+        &self.library
+    }
+
     /// Calls a transform entry point that emits a sample, and collects that sample.
     fn call_with_sink<T>(
         &self,

@@ -64,7 +64,10 @@ pub fn channels_last(tensor: &Tensor) -> Result<Tensor> {
     // SAFETY: the handle is valid for the call; the result is a new owned tensor or null.
     let converted = unsafe { ivado_to_channels_last(tensor.as_ptr()) };
     if converted.is_null() {
-        bail!("cannot convert a {:?} tensor to channels-last", tensor.size());
+        bail!(
+            "cannot convert a {:?} tensor to channels-last",
+            tensor.size()
+        );
     }
     Ok(unsafe { Tensor::from_ptr(converted) })
 }
@@ -74,7 +77,10 @@ pub fn channels_last(tensor: &Tensor) -> Result<Tensor> {
 /// convolutions see the new layout.
 pub fn to_channels_last(parameters: &[crate::plugin::NamedTensor]) -> Result<()> {
     tch::no_grad(|| {
-        for parameter in parameters.iter().filter(|p| (4..=5).contains(&p.tensor.dim())) {
+        for parameter in parameters
+            .iter()
+            .filter(|p| (4..=5).contains(&p.tensor.dim()))
+        {
             let converted = channels_last(&parameter.tensor)?;
             parameter.tensor.shallow_clone().set_data(&converted);
         }

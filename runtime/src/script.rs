@@ -6,12 +6,13 @@
 use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
 use crate::data::{split_by_subject, SliceSet};
 use crate::model_folder;
-use crate::pipeline::{LivePipeline, Pipeline};
-use crate::plugin::{PluginModel, PluginRegistry, PluginTransform};
+use crate::pipeline::{LivePipeline, Phase, Pipeline, Step, StepOptions, StepTransform};
+use crate::plugin::{PluginModel, PluginRegistry};
+use crate::script_transform::ScriptTransform;
 use crate::train::{seed_everything, train, TrainConfig};
 use crate::{infer, metrics, phantom, transfer, volume};
 use anyhow::{anyhow, Context, Result};
-use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position, Scope};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, Scope};
 use serde_json::{json, Value};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct ScriptContext {
     /// Set from `--device`; a script may change it with `set_device(...)`.
     pub device: Cell<Device>,
     pub progress: bool,
+    /// Set by `ivado watch` / `run --watch`: every augmentation pipeline `train` creates is hot-reloaded.
+    pub watcher: Option<Arc<crate::watch::Watcher>>,
 }
 
 /// A set of BIDS entries (a dataset or one part of a split).
@@ -33,8 +36,9 @@ pub struct Dataset {
     entries: Rc<Vec<BidsEntry>>,
 }
 
+/// A pipeline step: a plugin transform or a script transform, with its `applied_to`/`dataset_type`.
 #[derive(Clone)]
-pub struct TransformHandle(Arc<PluginTransform>);
+pub struct TransformHandle(Step);
 
 #[derive(Clone)]
 pub struct ModelHandle(Rc<PluginModel>);
@@ -124,11 +128,11 @@ fn transforms_of(array: &Array) -> ScriptResult<Pipeline> {
                 .map(|t| t.0)
                 .ok_or_else(|| {
                     script_error(anyhow!(
-                        "`preprocess` must be a list of transform(...) values"
+                        "`preprocess` and `augment` must be lists of transform(...) or script_transform(...) values"
                     ))
                 })
         })
-        .collect::<ScriptResult<Vec<_>>>()?;
+        .collect::<ScriptResult<crate::pipeline::Steps>>()?;
     Ok(Pipeline { steps })
 }
 
@@ -141,6 +145,45 @@ fn dataset_option(options: &Map, key: &str) -> ScriptResult<Dataset> {
                 "option `{key}` must be a dataset (from bids(...) or split(...))"
             ))
         })
+}
+
+/// Builds a script step; `path` is relative to the folder of the script that calls `script_transform` (the
+/// current directory when the script has no file).
+fn script_transform_step(
+    call: &NativeCallContext,
+    path: &str,
+    function: &str,
+    mut options: Map,
+) -> ScriptResult<TransformHandle> {
+    check_keys(
+        "script_transform",
+        &options,
+        &["undo", "applied_to", "dataset_type"],
+    )?;
+    let undo = match options.remove("undo") {
+        None => None,
+        Some(value) => Some(text(&value).ok_or_else(|| {
+            script_error(anyhow!("script_transform: `undo` must be a function name"))
+        })?),
+    };
+    let mut keyed = to_json(&Dynamic::from_map(options))?;
+    let step_options = StepOptions::take_from(&mut keyed)
+        .map_err(|e| script_error(e.context("script_transform")))?;
+    let mut file = PathBuf::from(path);
+    if file.is_relative() {
+        if let Some(dir) = call
+            .call_source()
+            .and_then(|source| Path::new(source).parent())
+        {
+            file = dir.join(file);
+        }
+    }
+    let transform =
+        ScriptTransform::load(&file, function, undo.as_deref()).map_err(script_error)?;
+    Ok(TransformHandle(Step {
+        transform: StepTransform::Script(Arc::new(transform)),
+        options: step_options,
+    }))
 }
 
 /// A model folder loaded once (network, weights and preprocessing) for repeated segmentation.
@@ -194,7 +237,12 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
 
     engine.register_type_with_name::<TransformHandle>("Transform");
     engine.register_fn("to_string", |t: &mut TransformHandle| {
-        format!("Transform({} {})", t.0.name, t.0.config)
+        match &t.0.transform {
+            StepTransform::Plugin(transform) => {
+                format!("Transform({} {})", transform.name, transform.config)
+            }
+            StepTransform::Script(_) => format!("Transform({})", t.0.label()),
+        }
     });
 
     engine.register_type_with_name::<ModelHandle>("Model");
@@ -319,15 +367,39 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         engine.register_fn(
             "transform",
             move |name: &str, options: Map| -> ScriptResult<TransformHandle> {
-                let config = to_json(&Dynamic::from_map(options))?;
+                let mut config = to_json(&Dynamic::from_map(options))?;
+                let options = StepOptions::take_from(&mut config)
+                    .map_err(|e| script_error(e.context(format!("transform `{name}`"))))?;
                 let transform = context
                     .registry
                     .transform(name, &config)
                     .map_err(script_error)?;
-                Ok(TransformHandle(Arc::new(transform)))
+                Ok(TransformHandle(Step {
+                    transform: StepTransform::Plugin(Arc::new(transform)),
+                    options,
+                }))
             },
         );
     }
+
+    // script_transform("preprocess.rhai", "my_step"[, #{undo: "my_step_undo", applied_to: [...], dataset_type: [...]}]):
+    // a step running a Rhai function; a relative path is taken from the calling script's folder.
+    engine.register_fn(
+        "script_transform",
+        |call: NativeCallContext, path: &str, function: &str| -> ScriptResult<TransformHandle> {
+            script_transform_step(&call, path, function, Map::new())
+        },
+    );
+    engine.register_fn(
+        "script_transform",
+        |call: NativeCallContext,
+         path: &str,
+         function: &str,
+         options: Map|
+         -> ScriptResult<TransformHandle> {
+            script_transform_step(&call, path, function, options)
+        },
+    );
 
     {
         let context = Rc::clone(&context);
@@ -388,6 +460,9 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             let optional_number = |key: &str| -> ScriptResult<Option<f64>> {
                 options.get(key).map(|v| number(v).ok_or_else(|| script_error(anyhow!("train: `{key}` must be a number, got {v}")))).transpose()
             };
+            if let (Some(watcher), Some(live)) = (&context.watcher, &augment) {
+                watcher.register("augment", live).map_err(script_error)?;
+            }
             let config = TrainConfig {
                 epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
                 batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
@@ -414,8 +489,8 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 keep_checkpoints: option(&options, "keep_checkpoints", 2, integer)?.max(2) as usize,
                 manifest: Value::Null,
             };
-            let train_slices = SliceSet::build(&train_set.entries, &pipeline, config.seed).map_err(script_error)?;
-            let valid_slices = SliceSet::build(&valid_set.entries, &pipeline, config.seed).map_err(script_error)?;
+            let train_slices = SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed).map_err(script_error)?;
+            let valid_slices = SliceSet::build_in(Phase::Validation, &valid_set.entries, &pipeline, config.seed).map_err(script_error)?;
             println!(
                 "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
                 model.0.architecture,
