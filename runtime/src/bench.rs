@@ -17,7 +17,7 @@ pub struct ArchitectureCase {
 }
 
 /// ivadomed's default networks at the input sizes of its default configs (2D: 128x128 slices at batch 8;
-/// 3D: 48x48x16 subvolumes at batch 2; classifiers on 128x128 slices).
+/// 3D: 48x48x16 subvolumes at batch 2; classifiers on 128x128 slices; Countception on 64x64 patches).
 pub fn default_cases() -> Vec<ArchitectureCase> {
     let case = |architecture: &str, config: Value, inputs: Vec<Vec<i64>>| ArchitectureCase {
         architecture: architecture.to_owned(),
@@ -46,10 +46,11 @@ pub fn default_cases() -> Vec<ArchitectureCase> {
             json!({"n_filters": 16}),
             vec![vec![2, 1, 48, 48, 16]],
         ),
+        // Countception pads every input by 40 pixels and keeps full resolution throughout: 64x64 patches.
         case(
             "countception",
             json!({"in_channels": 3}),
-            vec![vec![8, 3, 128, 128]],
+            vec![vec![2, 3, 64, 64]],
         ),
         case("resnet18", json!({}), vec![vec![8, 1, 128, 128]]),
         case("densenet121", json!({}), vec![vec![8, 1, 128, 128]]),

@@ -426,6 +426,7 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                     "train", "valid", "preprocess", "augment", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
                     "out", "threshold", "loss", "optimizer", "scheduler", "early_stopping_patience",
                     "early_stopping_epsilon", "mixup_alpha", "gradient_clip", "balanced_epochs", "resume", "keep_checkpoints",
+                    "precision", "channels_last",
                 ],
             )?;
             let train_set = dataset_option(&options, "train")?;
@@ -488,6 +489,9 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                 resume: option(&options, "resume", false, |v| v.as_bool().ok())?,
                 keep_checkpoints: option(&options, "keep_checkpoints", 2, integer)?.max(2) as usize,
                 manifest: Value::Null,
+                precision: crate::precision::Precision::parse(&option(&options, "precision", "fp32".to_owned(), text)?)
+                    .map_err(script_error)?,
+                channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
             };
             let train_slices = SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed).map_err(script_error)?;
             let valid_slices = SliceSet::build_in(Phase::Validation, &valid_set.entries, &pipeline, config.seed).map_err(script_error)?;

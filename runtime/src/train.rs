@@ -14,6 +14,7 @@ use crate::model_folder::{self, sha256_file, write_atomic};
 use crate::optim::Optimizer;
 use crate::pipeline::{derive_seed, LivePipeline, Pipeline};
 use crate::plugin::PluginModel;
+use crate::precision::{autocast, channels_last, to_channels_last, Precision};
 use crate::schedule::{Better, EarlyStopping, LrScheduler, StepUnit};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -59,6 +60,10 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Anything else to record in the manifest (the script's own options, dataset description).
     pub manifest: Value,
+    /// Forward-pass arithmetic: fp32, or bf16/fp16 autocast (the loss and the weights stay fp32).
+    pub precision: Precision,
+    /// Convolution weights and batches in the channels-last memory format (faster convolutions on CPU).
+    pub channels_last: bool,
 }
 
 impl TrainConfig {
@@ -83,6 +88,8 @@ impl TrainConfig {
             resume: false,
             keep_checkpoints: 2,
             manifest: Value::Null,
+            precision: Precision::Fp32,
+            channels_last: false,
         }
     }
 }
@@ -121,6 +128,7 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
     threshold: f64,
+    precision: Precision,
 ) -> Result<(f64, f64)> {
     let mut overlaps = vec![Overlap::default(); set.volumes.len()];
     let mut loss_sum = 0.0;
@@ -129,7 +137,9 @@ pub fn evaluate(
     tch::no_grad(|| -> Result<()> {
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = set.batch(chunk, device);
-            let predictions = model.forward(&[&images], Mode::Eval)?;
+            let predictions =
+                autocast(precision, device, || model.forward(&[&images], Mode::Eval))?
+                    .to_kind(Kind::Float);
             loss_sum += loss.compute(&predictions, &labels)?.double_value(&[]);
             batches += 1;
             for (&index, overlap) in
@@ -309,6 +319,10 @@ impl<'a> Trainer<'a> {
         std::fs::create_dir_all(&config.out_dir)
             .with_context(|| format!("creating {}", config.out_dir.display()))?;
         let loss = Loss::from_config(&config.loss).context("training option `loss`")?;
+        config.precision.check(config.device)?;
+        if config.channels_last {
+            to_channels_last(&model.parameters)?;
+        }
         let parameters = model
             .trainable()
             .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
@@ -471,7 +485,15 @@ impl<'a> Trainer<'a> {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
                 (images, labels) = mixup(&images, &labels, alpha, seed)?;
             }
-            let predictions = self.model.forward(&[&images], Mode::Train)?;
+            if config.channels_last {
+                images = channels_last(&images)?;
+            }
+            // Autocast covers the forward pass only; the loss and backward run in fp32, as torch.autocast
+            // recommends.
+            let predictions = autocast(config.precision, config.device, || {
+                self.model.forward(&[&images], Mode::Train)
+            })?
+            .to_kind(Kind::Float);
             let loss = self.loss.compute(&predictions, &labels)?;
             self.optimizer.zero_grad()?;
             loss.backward();
@@ -511,6 +533,7 @@ impl<'a> Trainer<'a> {
             batch_size,
             config.device,
             config.threshold,
+            config.precision,
         )?;
         let record = EpochRecord {
             epoch,
@@ -672,6 +695,8 @@ impl<'a> Trainer<'a> {
                 "mixup_alpha": self.config.mixup_alpha,
                 "gradient_clip": self.config.gradient_clip,
                 "balanced_epochs": self.config.balanced_epochs,
+                "precision": self.config.precision,
+                "channels_last": self.config.channels_last,
             },
             "preprocess": self.pipeline.specs(),
             "augment": self.augment.map(|live| live.current().specs()),
