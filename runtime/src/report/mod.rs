@@ -6,6 +6,7 @@
 //! `Validation/Metrics` with one entry per metric) are in [`tags`].
 pub mod curves;
 pub mod qc;
+pub mod run;
 pub mod tensorboard;
 
 use anyhow::{bail, ensure, Context, Result};
