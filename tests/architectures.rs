@@ -411,3 +411,59 @@ fn every_traceable_architecture_exports_to_torchscript() {
         );
     }
 }
+
+/// A model folder carries its post-processing, and inference applies it in native space: of two blobs in a
+/// soft prediction, binarised, `keep_largest_object` keeps only the bigger one.
+#[test]
+fn a_model_folder_carries_its_post_processing_to_inference() {
+    let registry = builtin();
+    let root = tempfile::tempdir().unwrap();
+    let folder = root.path().join("model");
+    let network = model(&registry, "unet2d", json!({"n_filters": 4, "depth": 2}));
+    let postprocess = Pipeline::from_specs(
+        &registry,
+        &[
+            json!({"name": "binarize_prediction", "config": {"thr": 0.5}}),
+            json!({"name": "keep_largest_object", "config": {}}),
+        ],
+    )
+    .unwrap();
+    model_folder::save_with_postprocess(
+        &folder,
+        &network,
+        &Pipeline::default(),
+        &postprocess,
+        &json!({}),
+        &json!({}),
+    )
+    .unwrap();
+    let loaded = model_folder::load(&folder, &registry, Device::Cpu).unwrap();
+    assert_eq!(loaded.postprocess.specs().len(), 2);
+
+    let source = ivado_runtime::volume::read_volume(&ivado_tests::shared_data(
+        "data_functional_testing/sub-unf01/anat/sub-unf01_T2w.nii.gz",
+    ))
+    .unwrap();
+    let soft = Tensor::zeros(source.data.size(), (Kind::Float, Device::Cpu));
+    // A 3x3x3 blob (27 voxels) and a 2x2x2 blob (8 voxels), far apart.
+    let _ = soft
+        .narrow(0, 2, 3)
+        .narrow(1, 2, 3)
+        .narrow(2, 2, 3)
+        .fill_(0.9);
+    let _ = soft
+        .narrow(0, 20, 2)
+        .narrow(1, 20, 2)
+        .narrow(2, 10, 2)
+        .fill_(0.8);
+    let kept = ivado_runtime::infer::postprocess(&loaded, &source, &soft).unwrap();
+    assert_eq!(kept.sum(Kind::Float).double_value(&[]), 27.0);
+    assert_eq!(
+        kept.narrow(0, 2, 3)
+            .narrow(1, 2, 3)
+            .narrow(2, 2, 3)
+            .sum(Kind::Float)
+            .double_value(&[]),
+        27.0
+    );
+}

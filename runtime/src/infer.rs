@@ -74,6 +74,40 @@ pub fn segment_volume(
     Ok((source, soft))
 }
 
+/// Applies the model folder's post-processing steps, in order, to a soft prediction in the source's grid
+/// (`[X, Y, Z]` or `[K, X, Y, Z]`), with the source's voxel spacing (for thresholds in mm³).
+pub fn postprocess(loaded: &LoadedModel, source: &Volume, soft: &Tensor) -> Result<Tensor> {
+    if loaded.postprocess.is_empty() {
+        return Ok(soft.shallow_clone());
+    }
+    let single = soft.dim() == 3;
+    let mut sample = Sample::new();
+    sample.insert(
+        "prediction",
+        if single {
+            soft.unsqueeze(0)
+        } else {
+            soft.shallow_clone()
+        },
+    );
+    sample.set_spacing(&source.spacing);
+    let (sample, _) = loaded
+        .postprocess
+        .apply_in(Phase::Testing, sample, 0)
+        .with_context(|| {
+            format!(
+                "post-processing the prediction of {}",
+                source.path.display()
+            )
+        })?;
+    let prediction = sample.get("prediction")?.shallow_clone();
+    Ok(if single {
+        prediction.squeeze_dim(0)
+    } else {
+        prediction
+    })
+}
+
 /// Writes a binary mask (`soft >= threshold`) with the source's header and affine, so it overlays the source in
 /// any viewer. Multi-class predictions are written one file per class (`_class-<k>` before the extension).
 pub fn write_segmentation(

@@ -257,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             let registry = PluginRegistry::discover(&search);
             let loaded = model_folder::load(&model, &registry, device)?;
             let (source, soft) = infer::segment_volume(&loaded, &image, device, 16)?;
+            let soft = infer::postprocess(&loaded, &source, &soft)?;
             let written = infer::write_segmentation(&source, &soft, &output, threshold)
                 .with_context(|| format!("writing {}", output.display()))?;
             for path in written {

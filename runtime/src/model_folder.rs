@@ -140,6 +140,18 @@ pub fn save(
     data: &Value,
     training: &Value,
 ) -> Result<()> {
+    save_with_postprocess(dir, model, pipeline, &Pipeline::default(), data, training)
+}
+
+/// [`save`], with the post-processing steps inference applies to the prediction in native space (in order).
+pub fn save_with_postprocess(
+    dir: &Path,
+    model: &PluginModel,
+    pipeline: &Pipeline,
+    postprocess: &Pipeline,
+    data: &Value,
+    training: &Value,
+) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating model folder {}", dir.display()))?;
     let weights: Vec<(&str, &Tensor)> = model
@@ -162,6 +174,7 @@ pub fn save(
         "architecture": model.architecture,
         "config": model.config,
         "preprocess": pipeline.specs(),
+        "postprocess": postprocess.specs(),
         "data": data,
         "training": training,
     });
@@ -175,6 +188,8 @@ pub fn save(
 pub struct LoadedModel {
     pub model: PluginModel,
     pub pipeline: Pipeline,
+    /// Applied to the prediction after the preprocessing was undone, in order.
+    pub postprocess: Pipeline,
     pub description: Value,
 }
 
@@ -294,7 +309,18 @@ pub fn load(dir: &Path, registry: &PluginRegistry, device: Device) -> Result<Loa
         .unwrap_or_default();
     let pipeline = Pipeline::from_specs(registry, &specs)
         .with_context(|| format!("loading model folder {}", dir.display()))?;
+    let postprocess_specs = description["postprocess"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let postprocess = Pipeline::from_specs(registry, &postprocess_specs).with_context(|| {
+        format!(
+            "loading the post-processing of model folder {}",
+            dir.display()
+        )
+    })?;
     Ok(LoadedModel {
+        postprocess,
         model,
         pipeline,
         description,

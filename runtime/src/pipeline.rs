@@ -351,6 +351,10 @@ fn split_visible(
 }
 
 impl Pipeline {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
     /// Rebuilds a pipeline from its saved description (`[{"name": ..., "config": {...}}, {"script": ...}]`).
     pub fn from_specs(registry: &PluginRegistry, specs: &[Value]) -> Result<Self> {
         let steps = specs

@@ -210,6 +210,7 @@ fn segment_to_file(
     let device = context.device.get();
     let (source, soft) =
         infer::segment_volume(&model.0, Path::new(image), device, 16).map_err(script_error)?;
+    let soft = infer::postprocess(&model.0, &source, &soft).map_err(script_error)?;
     let written =
         infer::write_segmentation(&source, &soft, Path::new(out), 0.5).map_err(script_error)?;
     Ok(written[0].display().to_string())
