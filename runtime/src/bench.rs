@@ -124,3 +124,80 @@ pub fn time_case(
         min_seconds: seconds[0],
     })
 }
+
+/// How `bench train` runs a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    Fp32,
+    ChannelsLast,
+    Bf16,
+}
+
+impl StepMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            StepMode::Fp32 => "fp32",
+            StepMode::ChannelsLast => "fp32 channels_last",
+            StepMode::Bf16 => "bf16 autocast",
+        }
+    }
+}
+
+/// Median seconds of a full training step (forward, Dice loss, backward, Adam) of `case`'s architecture on a
+/// random batch of its first input shape with a random binary target, as the training loop runs it.
+pub fn time_training_step(
+    registry: &PluginRegistry,
+    case: &ArchitectureCase,
+    mode: StepMode,
+    device: Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<f64> {
+    use crate::precision::{autocast, channels_last, to_channels_last, Precision};
+    let model = registry.model(&case.architecture, &case.config, device)?;
+    if mode == StepMode::ChannelsLast {
+        to_channels_last(&model.parameters)?;
+    }
+    let parameters = model
+        .trainable()
+        .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+        .collect();
+    let mut optimizer =
+        crate::optim::Optimizer::from_config(&json!({"name": "Adam", "lr": 1e-3}), parameters)?;
+    let loss = crate::losses::Loss::from_config(&json!({"name": "DiceLoss"}))?;
+    let inputs = example_inputs(&case.inputs[..1], device, 3);
+    let mut images = inputs[0].shallow_clone();
+    if mode == StepMode::ChannelsLast {
+        images = channels_last(&images)?;
+    }
+    let target = images.gt(0.5).to_kind(Kind::Float);
+    let precision = if mode == StepMode::Bf16 {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    };
+    let mut run = || -> Result<()> {
+        let predictions =
+            autocast(precision, device, || model.forward(&[&images], Mode::Train))?
+                .to_kind(Kind::Float);
+        let value = loss.compute(&predictions, &target)?;
+        optimizer.zero_grad()?;
+        value.backward();
+        optimizer.step()?;
+        Ok(())
+    };
+    for _ in 0..warmup {
+        run()?;
+    }
+    let mut seconds = Vec::with_capacity(steps);
+    for _ in 0..steps.max(1) {
+        let started = Instant::now();
+        run()?;
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    Ok(seconds[seconds.len() / 2])
+}

@@ -147,6 +147,24 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<i32>,
     },
+    /// Training step of ivadomed's default 2D U-Net (depth 3, 64 filters) in fp32, channels-last and bf16.
+    Train {
+        /// Batch size.
+        #[arg(long, default_value_t = 32)]
+        batch: i64,
+        /// Slice edge in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: i64,
+        /// Timed steps per mode (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// libtorch intra-op threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -342,6 +360,49 @@ fn run(cli: Cli) -> Result<()> {
                     format!("{:?}", timing.inputs),
                     timing.median_seconds,
                     timing.min_seconds
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Train {
+                    batch,
+                    size,
+                    steps,
+                    warmup,
+                    threads,
+                },
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            if let Some(threads) = threads {
+                tch::set_num_threads(threads);
+            }
+            let case = bench::ArchitectureCase {
+                architecture: "unet2d".into(),
+                config: serde_json::json!({"depth": 3, "n_filters": 64}),
+                inputs: vec![vec![batch, 1, size, size]],
+            };
+            println!(
+                "training step (forward, Dice loss, backward, Adam) of unet2d depth 3, 64 filters, batch {batch} of 1x{size}x{size}, on {} ({} threads), median of {steps}",
+                device::describe(device),
+                tch::get_num_threads()
+            );
+            let modes = [
+                bench::StepMode::Fp32,
+                bench::StepMode::ChannelsLast,
+                bench::StepMode::Bf16,
+            ];
+            let mut fp32 = None;
+            for mode in modes {
+                let seconds = bench::time_training_step(&registry, &case, mode, device, warmup, steps)?;
+                let baseline = *fp32.get_or_insert(seconds);
+                println!(
+                    "{:<20} {:>8.3} s/step  {:>7.1} slices/s  {:>5.2}x",
+                    mode.label(),
+                    seconds,
+                    batch as f64 / seconds,
+                    baseline / seconds
                 );
             }
             Ok(())
