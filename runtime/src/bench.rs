@@ -177,9 +177,8 @@ pub fn time_training_step(
         Precision::Fp32
     };
     let mut run = || -> Result<()> {
-        let predictions =
-            autocast(precision, device, || model.forward(&[&images], Mode::Train))?
-                .to_kind(Kind::Float);
+        let predictions = autocast(precision, device, || model.forward(&[&images], Mode::Train))?
+            .to_kind(Kind::Float);
         let value = loss.compute(&predictions, &target)?;
         optimizer.zero_grad()?;
         value.backward();

@@ -395,7 +395,8 @@ fn run(cli: Cli) -> Result<()> {
             ];
             let mut fp32 = None;
             for mode in modes {
-                let seconds = bench::time_training_step(&registry, &case, mode, device, warmup, steps)?;
+                let seconds =
+                    bench::time_training_step(&registry, &case, mode, device, warmup, steps)?;
                 let baseline = *fp32.get_or_insert(seconds);
                 println!(
                     "{:<20} {:>8.3} s/step  {:>7.1} slices/s  {:>5.2}x",

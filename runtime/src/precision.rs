@@ -87,3 +87,43 @@ pub fn to_channels_last(parameters: &[crate::plugin::NamedTensor]) -> Result<()>
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn bf16_autocast_runs_convolutions_in_bfloat16_on_the_cpu_and_restores_fp32() {
+        let x = Tensor::rand([1, 2, 8, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::rand([3, 2, 3, 3], (Kind::Float, Device::Cpu));
+        let conv = || x.conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        assert_eq!(conv().kind(), Kind::Float);
+        let inside = autocast(Precision::Bf16, Device::Cpu, conv);
+        assert_eq!(inside.kind(), Kind::BFloat16);
+        // bf16 keeps 8 bits of mantissa: close to fp32, not equal.
+        let difference = (inside.to_kind(Kind::Float) - conv())
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(difference > 0.0 && difference < 0.1, "{difference}");
+        assert_eq!(conv().kind(), Kind::Float, "autocast must be off again");
+        assert_eq!(
+            autocast(Precision::Fp32, Device::Cpu, conv).kind(),
+            Kind::Float
+        );
+    }
+
+    #[test]
+    fn channels_last_puts_channels_innermost_with_the_same_values() {
+        let x = Tensor::rand([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        let y = channels_last(&x).unwrap();
+        // NHWC in memory: the channel stride is 1, the width stride is C.
+        assert_eq!(y.stride(), vec![60, 1, 15, 3]);
+        assert!(y.equal(&x));
+        let volume = Tensor::rand([1, 2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        assert_eq!(channels_last(&volume).unwrap().stride()[1], 1);
+        assert!(Precision::Fp16.check(Device::Cpu).is_err());
+        assert_eq!(Precision::parse("bf16").unwrap(), Precision::Bf16);
+    }
+}
