@@ -1,6 +1,7 @@
 //! The ivado host runtime: plugin loading, data, training, inference, and the Rhai scripting surface.
 //! `docs/architecture.md` is the code map.
 pub mod bench;
+pub mod bench_augment;
 pub mod bids;
 pub mod data;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod plugin;
 pub mod precision;
+pub mod preview;
 pub mod report;
 pub mod scaffold;
 pub mod schedule;

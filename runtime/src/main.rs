@@ -5,6 +5,7 @@ use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::script::{run_file_with_params, ScriptContext};
 use ivado_runtime::{bench, infer, model_folder, scaffold, sweep, torchscript, transfer};
+use ivado_runtime::{bench_augment, preview};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -112,6 +113,35 @@ enum Command {
         #[arg(long = "input-shape", value_name = "SHAPE")]
         input_shapes: Vec<String>,
     },
+    /// Show what a transform pipeline does to one axial slice: a PNG with one row per random draw and one
+    /// column per step (ivadomed's visualize_transforms).
+    PreviewTransforms {
+        /// Pipeline file: a JSON list of {"name", "config"} steps, a model folder's ivado_model.json, or an
+        /// ivadomed config (its "transformation" object).
+        #[arg(long)]
+        config: PathBuf,
+        /// Image (.nii or .nii.gz).
+        #[arg(long)]
+        image: PathBuf,
+        /// Its label, drawn as a contour.
+        #[arg(long)]
+        label: Option<PathBuf>,
+        /// Random draws (rows).
+        #[arg(short = 'n', long = "draws", default_value_t = 4)]
+        draws: usize,
+        /// Axial slice index (default: the middle slice).
+        #[arg(long)]
+        slice: Option<usize>,
+        /// Output folder; the PNG is preview_<image stem>.png.
+        #[arg(short = 'o', long = "out", default_value = ".")]
+        out: PathBuf,
+        /// Seed of the draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Minimum size in pixels of the original slice's tile (integer upscaling).
+        #[arg(long, default_value_t = preview::DEFAULT_TILE_SIZE)]
+        tile_size: usize,
+    },
     /// Measure speed; prints figures to set beside ivadomed's.
     Bench {
         #[command(subcommand)]
@@ -164,6 +194,18 @@ enum BenchCommand {
         /// libtorch intra-op threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
+    },
+    /// Samples/s of the training augmentation pipeline on 2D slices and 3D subvolumes, 1 and T workers.
+    Augment {
+        /// Timed samples per row.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Untimed samples first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Worker threads of the second row (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -406,6 +448,61 @@ fn run(cli: Cli) -> Result<()> {
                     baseline / seconds
                 );
             }
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Augment {
+                    steps,
+                    warmup,
+                    threads,
+                },
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            print!(
+                "{}",
+                bench_augment::run(&registry, device, steps, warmup, threads)?
+            );
+            Ok(())
+        }
+        Command::PreviewTransforms {
+            config,
+            image,
+            label,
+            draws,
+            slice,
+            out,
+            seed,
+            tile_size,
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            let options = preview::PreviewOptions {
+                pipeline_file: config,
+                image,
+                label,
+                draws,
+                slice,
+                out_dir: out,
+                seed,
+                tile_size,
+            };
+            let written = preview::preview_transforms(&registry, &options, device)?;
+            for draw in &written.draws {
+                let records: Vec<String> = draw
+                    .records
+                    .iter()
+                    .map(|(step, record)| format!("{step} {record}"))
+                    .collect();
+                println!("draw seed {}: {}", draw.seed, records.join("; "));
+            }
+            println!(
+                "wrote {} (axial slice {}, {} draws x {} columns: {})",
+                written.path.display(),
+                written.slice,
+                written.draws.len(),
+                written.columns.len(),
+                written.columns.join(", ")
+            );
             Ok(())
         }
         Command::NewPlugin { name, path, sdk } => {

@@ -1,0 +1,397 @@
+//! `ivado bench augment`: samples per second of the full training augmentation pipeline (RandomAffine,
+//! ElasticTransform, RandomGamma, AdditiveGaussianNoise, NormalizeInstance with the parameters of ivadomed's
+//! default config and documentation examples), through the plugin boundary exactly as training applies it,
+//! on 2D slices and 3D subvolumes of a generated phantom, with one worker thread and with several.
+//!
+//! Workers are threads that each augment whole samples, as a data loader's workers do (ivadomed uses
+//! PyTorch DataLoader workers); each runs libtorch with one intra-op thread, so the figures measure
+//! sample-level parallelism rather than the splitting of one small tensor op over cores.
+use crate::data::axial_samples;
+use crate::device;
+use crate::phantom::{self, PhantomSpec};
+use crate::pipeline::{derive_seed, Phase, Pipeline};
+use crate::plugin::PluginRegistry;
+use crate::preview::pipeline_from_specs;
+use crate::volume::read_volume;
+use anyhow::{anyhow, ensure, Context, Result};
+use ivado_sdk::Sample;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::time::Instant;
+use tch::Device;
+
+/// Seed of the phantom and of the per-sample draws; fixed so every run does the same work.
+pub const BENCH_SEED: u64 = 20_240_601;
+/// 2D slices: ivadomed's default `CenterCrop` size.
+pub const SLICE_SHAPE: [i64; 3] = [1, 128, 128];
+/// 3D subvolumes: the 48x48x16 patches `ivado bench arch` times the 3D networks on.
+pub const SUBVOLUME_SHAPE: [i64; 4] = [1, 48, 48, 16];
+
+/// The augmentation steps, in ivadomed's order: `RandomAffine` and `ElasticTransform` as in ivadomed's
+/// `config.json` (on image and label, training only), `RandomGamma` and `AdditiveGaussianNoise` as in the
+/// examples of ivadomed's configuration documentation, then `NormalizeInstance` on the image.
+pub fn augmentation_specs() -> Vec<Value> {
+    let spatial = json!(["im", "gt"]);
+    let training = json!(["training"]);
+    vec![
+        json!({"name": "RandomAffine", "config": {
+            "degrees": 5.0, "scale": [0.1, 0.1], "translate": [0.03, 0.03],
+            "applied_to": spatial, "dataset_type": training}}),
+        json!({"name": "ElasticTransform", "config": {
+            "alpha_range": [28.0, 30.0], "sigma_range": [3.5, 4.5], "p": 0.1,
+            "applied_to": spatial, "dataset_type": training}}),
+        json!({"name": "RandomGamma", "config": {
+            "log_gamma_range": [-3.0, 3.0], "p": 0.5,
+            "applied_to": ["im"], "dataset_type": training}}),
+        json!({"name": "AdditiveGaussianNoise", "config": {"mean": 0.0, "std": 0.02}}),
+        json!({"name": "NormalizeInstance", "config": {"applied_to": ["im"]}}),
+    ]
+}
+
+/// Samples of one kind to augment.
+pub struct AugmentCase {
+    /// Row label, e.g. `2D 1x128x128 + label`.
+    pub name: String,
+    pub samples: Vec<Sample>,
+}
+
+/// One timed row.
+#[derive(Clone, Debug)]
+pub struct AugmentTiming {
+    pub case: String,
+    pub threads: usize,
+    pub samples: usize,
+    /// Wall time of the whole row.
+    pub seconds: f64,
+    /// Mean time one worker spent on one sample.
+    pub seconds_per_sample: f64,
+}
+
+impl AugmentTiming {
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+fn shape_label(shape: &[i64]) -> String {
+    shape
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// A copy of `sample` sharing its tensors' storage (tensors are `Send` but not `Sync`: each worker gets
+/// its own handles).
+fn shallow_copy(sample: &Sample) -> Sample {
+    Sample {
+        tensors: sample
+            .tensors
+            .iter()
+            .map(|(name, tensor)| (name.clone(), tensor.shallow_clone()))
+            .collect(),
+        meta: sample.meta.clone(),
+    }
+}
+
+/// A scratch folder removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The two cases, from one phantom subject (T2w, 128x128x16 voxels at 1x1x2 mm, with its cord label)
+/// written to a scratch folder and read back as training reads images: the 16 axial slices, and the
+/// centred 48x48x16 subvolume, on `device`.
+pub fn phantom_cases(device: Device) -> Result<Vec<AugmentCase>> {
+    let scratch = ScratchDir(std::env::temp_dir().join(format!(
+        "ivado-bench-augment-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )));
+    let spec = PhantomSpec {
+        subjects: 1,
+        shape: [
+            SLICE_SHAPE[1] as usize,
+            SLICE_SHAPE[2] as usize,
+            SUBVOLUME_SHAPE[3] as usize,
+        ],
+        spacing: [1.0, 1.0, 2.0],
+        contrasts: vec!["T2w".into()],
+        noise: 0.05,
+        seed: BENCH_SEED,
+    };
+    phantom::generate(&scratch.0, &spec).context("bench: generating the phantom")?;
+    // The phantom's name for its only subject (numbered from 1, two digits at least).
+    let id = "sub-ph01";
+    let image = read_volume(
+        &scratch
+            .0
+            .join(id)
+            .join("anat")
+            .join(format!("{id}_T2w.nii.gz")),
+    )?;
+    let label = read_volume(
+        &scratch
+            .0
+            .join("derivatives/labels")
+            .join(id)
+            .join("anat")
+            .join(format!("{id}_T2w_seg-manual.nii.gz")),
+    )?;
+    let on_device = |mut sample: Sample| -> Result<Sample> {
+        for tensor in sample.tensors.values_mut() {
+            *tensor = tensor.f_to_device(device)?;
+        }
+        Ok(sample)
+    };
+    let slices = axial_samples(&image, Some(&label))
+        .into_iter()
+        .map(on_device)
+        .collect::<Result<Vec<_>>>()?;
+    let crop = |data: &tch::Tensor| -> Result<tch::Tensor> {
+        let mut cropped = data.shallow_clone();
+        for axis in 0..2 {
+            let size = cropped.size()[axis];
+            let length = SUBVOLUME_SHAPE[axis + 1];
+            cropped = cropped.f_narrow(axis as i64, (size - length) / 2, length)?;
+        }
+        Ok(cropped.f_contiguous()?.f_unsqueeze(0)?)
+    };
+    let mut subvolume = Sample::new();
+    subvolume.insert("image", crop(&image.data)?);
+    subvolume.insert("label", crop(&label.data)?);
+    subvolume.set_spacing(&image.spacing);
+    let subvolume = on_device(subvolume)?;
+    let slice_shape = slices
+        .first()
+        .context("bench: no slices")?
+        .get("image")?
+        .size();
+    ensure!(
+        slice_shape == SLICE_SHAPE,
+        "bench: phantom slices are {slice_shape:?}, not {SLICE_SHAPE:?}"
+    );
+    Ok(vec![
+        AugmentCase {
+            name: format!("2D {} + label", shape_label(&SLICE_SHAPE)),
+            samples: slices,
+        },
+        AugmentCase {
+            name: format!("3D {} + label", shape_label(&SUBVOLUME_SHAPE)),
+            samples: vec![subvolume],
+        },
+    ])
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Augments `count` samples (sample `i` is `samples[i % len]` with seed `derive_seed(seed, i)`) on
+/// `threads` workers, worker `w` taking every `threads`-th sample from `w`. Returns the wall time and the
+/// summed per-sample time.
+fn augment(
+    pipeline: &Pipeline,
+    samples: &[Sample],
+    count: usize,
+    threads: usize,
+    seed: u64,
+    device: Device,
+) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    let per_sample = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|worker| {
+                let work: Vec<(u64, Sample)> = (worker..count)
+                    .step_by(threads)
+                    .map(|i| {
+                        (
+                            derive_seed(seed, i as u64),
+                            shallow_copy(&samples[i % samples.len()]),
+                        )
+                    })
+                    .collect();
+                scope.spawn(move || -> Result<f64> {
+                    tch::set_num_threads(1);
+                    let mut busy = 0.0;
+                    for (sample_seed, sample) in work {
+                        let begun = Instant::now();
+                        let (augmented, _) =
+                            pipeline.apply_in(Phase::Training, sample, sample_seed)?;
+                        synchronize(device);
+                        busy += begun.elapsed().as_secs_f64();
+                        drop(augmented);
+                    }
+                    Ok(busy)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker
+                    .join()
+                    .map_err(|_| anyhow!("an augmentation worker panicked"))?
+            })
+            .sum::<Result<f64>>()
+    })?;
+    synchronize(device);
+    Ok((started.elapsed().as_secs_f64(), per_sample))
+}
+
+/// Times `steps` samples of `case` on `threads` workers, after `warmup` untimed samples on one worker.
+pub fn time_case(
+    pipeline: &Pipeline,
+    case: &AugmentCase,
+    threads: usize,
+    warmup: usize,
+    steps: usize,
+    device: Device,
+) -> Result<AugmentTiming> {
+    ensure!(threads > 0, "bench: at least one thread");
+    ensure!(
+        !case.samples.is_empty(),
+        "bench: {} has no samples",
+        case.name
+    );
+    let steps = steps.max(1);
+    // Warm-up draws come from another stream than the timed ones, which are the same for every row.
+    augment(
+        pipeline,
+        &case.samples,
+        warmup,
+        1,
+        derive_seed(BENCH_SEED, u64::MAX),
+        device,
+    )
+    .with_context(|| format!("bench: warming up on {}", case.name))?;
+    let (seconds, busy) = augment(pipeline, &case.samples, steps, threads, BENCH_SEED, device)
+        .with_context(|| format!("bench: augmenting {}", case.name))?;
+    Ok(AugmentTiming {
+        case: case.name.clone(),
+        threads,
+        samples: steps,
+        seconds,
+        seconds_per_sample: busy / steps as f64,
+    })
+}
+
+/// The thread counts to time: 1 and `all` (once when they are equal).
+pub fn thread_counts(all: usize) -> Vec<usize> {
+    let mut counts = vec![1, all.max(1)];
+    counts.dedup();
+    counts
+}
+
+/// Runs the whole benchmark and returns the table, `bench arch` style.
+pub fn run(
+    registry: &PluginRegistry,
+    device: Device,
+    steps: usize,
+    warmup: usize,
+    threads: Option<usize>,
+) -> Result<String> {
+    let all = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    ensure!(all > 0, "--threads must be at least 1");
+    let specs = augmentation_specs();
+    let pipeline = pipeline_from_specs(registry, &specs)
+        .context("bench: building the augmentation pipeline")?;
+    let cases = phantom_cases(device)?;
+    let names: Vec<&str> = specs.iter().filter_map(|s| s["name"].as_str()).collect();
+    let mut table = String::new();
+    writeln!(
+        table,
+        "augmentation ({}) on {}: {steps} samples per row after {warmup} warm-up; each worker thread \
+         augments whole samples with 1 libtorch thread",
+        names.join(" > "),
+        device::describe(device),
+    )?;
+    writeln!(
+        table,
+        "{:<24} {:>8} {:>12} {:>10}",
+        "case", "threads", "samples/s", "ms/sample"
+    )?;
+    for case in &cases {
+        for &count in &thread_counts(all) {
+            let timing = time_case(&pipeline, case, count, warmup, steps, device)?;
+            writeln!(
+                table,
+                "{:<24} {:>8} {:>12.1} {:>10.3}",
+                timing.case,
+                timing.threads,
+                timing.samples_per_second(),
+                timing.seconds_per_sample * 1e3
+            )?;
+        }
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_are_one_and_all() {
+        assert_eq!(thread_counts(8), vec![1, 8]);
+        assert_eq!(thread_counts(1), vec![1]);
+        assert_eq!(thread_counts(0), vec![1]);
+    }
+
+    #[test]
+    fn specs_are_ivadomeds_order_and_parameters() {
+        let specs = augmentation_specs();
+        let names: Vec<&str> = specs.iter().filter_map(|s| s["name"].as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "RandomAffine",
+                "ElasticTransform",
+                "RandomGamma",
+                "AdditiveGaussianNoise",
+                "NormalizeInstance"
+            ]
+        );
+        // ivadomed/config/config.json: degrees 5, scale [0.1, 0.1], translate [0.03, 0.03]; elastic
+        // alpha [28, 30], sigma [3.5, 4.5], p 0.1.
+        assert_eq!(specs[0]["config"]["degrees"], json!(5.0));
+        assert_eq!(specs[1]["config"]["p"], json!(0.1));
+        assert_eq!(specs[3]["config"]["std"], json!(0.02));
+    }
+
+    #[test]
+    fn phantom_cases_have_the_benchmarked_shapes() {
+        let cases = phantom_cases(Device::Cpu).unwrap();
+        assert_eq!(cases.len(), 2);
+        assert_eq!(cases[0].samples.len(), 16, "one sample per axial slice");
+        assert_eq!(
+            cases[0].samples[0].get("label").unwrap().size(),
+            SLICE_SHAPE
+        );
+        assert_eq!(
+            cases[1].samples[0].get("label").unwrap().size(),
+            SUBVOLUME_SHAPE
+        );
+        assert_eq!(cases[1].samples[0].spacing().unwrap(), vec![1.0, 1.0, 2.0]);
+        // The centred subvolume holds the cord: its label has foreground.
+        let foreground = cases[1].samples[0]
+            .get("label")
+            .unwrap()
+            .sum(tch::Kind::Float)
+            .double_value(&[]);
+        assert!(foreground > 100.0, "{foreground} cord voxels");
+    }
+}
