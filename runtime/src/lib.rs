@@ -22,6 +22,7 @@ pub mod script;
 pub mod script_transform;
 pub mod stats;
 pub mod sweep;
+pub mod tiling;
 pub mod torchscript;
 pub mod train;
 pub mod transfer;
