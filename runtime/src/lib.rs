@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bids;
 pub mod data;
 pub mod device;
+pub mod evaluate;
 pub mod infer;
 pub mod losses;
 pub mod metrics;
