@@ -5,6 +5,7 @@ pub mod bench_augment;
 pub mod bids;
 pub mod data;
 pub mod device;
+pub mod evaluate;
 pub mod infer;
 pub mod losses;
 pub mod metrics;

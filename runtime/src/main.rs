@@ -70,6 +70,9 @@ enum Command {
         #[arg(long)]
         collect: bool,
     },
+    /// Evaluate a folder of predictions against BIDS labels (ivadomed's evaluation_3Dmetrics.csv, summary,
+    /// painted TP/FP/FN lesion maps) and optionally sweep the binarisation threshold.
+    Evaluate(ivado_runtime::evaluate::EvaluateArgs),
     /// Paired comparison of per-image test Dice of two runs or configurations (Wilcoxon, paired t-test).
     Compare {
         /// A run folder (with evaluation.csv) or a configuration folder (seed runs, averaged per image).
@@ -308,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             sweep::sweep_command(&file, mode, &flags)
         }
         Command::Compare { a, b } => sweep::compare_command(&a, &b),
+        Command::Evaluate(args) => ivado_runtime::evaluate::evaluate_command(&args),
         Command::Segment {
             model,
             image,

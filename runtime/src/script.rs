@@ -10,7 +10,7 @@ use crate::pipeline::{LivePipeline, Phase, Pipeline, Step, StepOptions, StepTran
 use crate::plugin::{PluginModel, PluginRegistry};
 use crate::script_transform::ScriptTransform;
 use crate::train::{seed_everything, train, TrainConfig};
-use crate::{infer, metrics, phantom, transfer, volume};
+use crate::{evaluate, infer, metrics, phantom, transfer};
 use anyhow::{anyhow, Context, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, Scope};
 use serde_json::{json, Value};
@@ -667,33 +667,48 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         );
     }
 
+    // ivadomed's per-image row (dice_class0, vol_pred_class0, ltpr_class0, ...) plus `dice`, `predicted_mm3`
+    // and `label_mm3`; the options map takes the metric keys of `evaluate_folder` (threshold, overlap, ...).
     engine.register_fn(
         "evaluate",
         |prediction: &str, label: &str| -> ScriptResult<Map> {
-            let prediction = volume::read_volume(Path::new(prediction)).map_err(script_error)?;
-            let label = volume::read_volume(Path::new(label)).map_err(script_error)?;
-            if prediction.data.size() != label.data.size() {
-                return Err(script_error(anyhow!(
-                    "{} has shape {:?} but {} has {:?}",
-                    prediction.path.display(),
-                    prediction.data.size(),
-                    label.path.display(),
-                    label.data.size()
-                )));
-            }
-            let overlap = metrics::Overlap::of(&prediction.data, &label.data, 0.5);
-            let mut map = Map::new();
-            map.insert("dice".into(), overlap.dice().into());
-            let voxel_mm3: f64 = label.spacing.iter().product();
-            map.insert(
-                "predicted_mm3".into(),
-                ((overlap.true_positive + overlap.false_positive) * voxel_mm3).into(),
-            );
-            map.insert(
-                "label_mm3".into(),
-                ((overlap.true_positive + overlap.false_negative) * voxel_mm3).into(),
-            );
-            Ok(map)
+            evaluate::evaluate_pair_map(
+                Path::new(prediction),
+                Path::new(label),
+                &metrics::MetricsOptions::default(),
+            )
+            .map_err(script_error)
+        },
+    );
+    engine.register_fn(
+        "evaluate",
+        |prediction: &str, label: &str, options: Map| -> ScriptResult<Map> {
+            let options = evaluate::EvalOptions::from_json(&to_json(&options.into())?)
+                .map_err(script_error)?;
+            evaluate::evaluate_pair_map(Path::new(prediction), Path::new(label), &options.metrics)
+                .map_err(script_error)
+        },
+    );
+    engine.register_fn(
+        "evaluate_folder",
+        |predictions: &str, bids_root: &str| -> ScriptResult<Map> {
+            evaluate::evaluate_folder(
+                Path::new(predictions),
+                Path::new(bids_root),
+                &evaluate::EvalOptions::default(),
+            )
+            .map(|report| evaluate::report_map(&report))
+            .map_err(script_error)
+        },
+    );
+    engine.register_fn(
+        "evaluate_folder",
+        |predictions: &str, bids_root: &str, options: Map| -> ScriptResult<Map> {
+            let options = evaluate::EvalOptions::from_json(&to_json(&options.into())?)
+                .map_err(script_error)?;
+            evaluate::evaluate_folder(Path::new(predictions), Path::new(bids_root), &options)
+                .map(|report| evaluate::report_map(&report))
+                .map_err(script_error)
         },
     );
 

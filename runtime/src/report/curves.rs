@@ -23,7 +23,7 @@ pub const VALID_DICE_COLOUR: [u8; 3] = [44, 160, 44];
 pub const LEARNING_RATE_COLOUR: [u8; 3] = [148, 103, 189];
 
 /// The font family name the embedded font is registered under.
-const FONT_FAMILY: &str = "sans-serif";
+pub(crate) const FONT_FAMILY: &str = "sans-serif";
 static EMBEDDED_FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// One epoch of a metrics CSV. Empty or unparsable cells (for example `nan`) read as NaN and are left out of
@@ -92,7 +92,7 @@ pub fn read_metrics_csv(path: &Path) -> Result<Vec<MetricsRow>> {
 }
 
 /// Registers the embedded font once; every later call reports the first outcome.
-fn register_embedded_font() -> Result<()> {
+pub(crate) fn register_embedded_font() -> Result<()> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
