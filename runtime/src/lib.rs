@@ -23,5 +23,6 @@ pub mod sweep;
 pub mod torchscript;
 pub mod train;
 pub mod transfer;
+pub mod uncertainty;
 pub mod volume;
 pub mod watch;
