@@ -27,5 +27,6 @@ pub mod tiling;
 pub mod torchscript;
 pub mod train;
 pub mod transfer;
+pub mod uncertainty;
 pub mod volume;
 pub mod watch;
