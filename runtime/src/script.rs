@@ -539,6 +539,8 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
                     map.insert("train_loss".into(), r.train_loss.into());
                     map.insert("valid_loss".into(), r.valid_loss.into());
                     map.insert("valid_dice".into(), r.valid_dice.into());
+                    map.insert("learning_rate".into(), r.learning_rate.into());
+                    map.insert("seconds".into(), r.seconds.into());
                     map.into()
                 })
                 .collect();
