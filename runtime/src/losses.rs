@@ -14,9 +14,173 @@
 //! - `BinaryCrossEntropyLoss`: computed from its formula rather than with `torch.nn.BCELoss`, same values.
 //! - `LossCombination`: takes weights (default 1) and nested loss objects; ivadomed's `losses_list` /
 //!   `params_list` form is also accepted.
+//!
+//! Besides ivadomed's losses, `{"name": "ScriptLoss", "path": ..., "function": ..., "source": ...}` is a loss
+//! written in Rhai ([`ScriptLoss`]); it works wherever a loss config does, inside a `LossCombination` too.
+use crate::script_transform::{ScriptRole, ScriptTensor, ScriptVersion};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
+use std::path::Path;
+use std::sync::Arc;
 use tch::{Kind, Tensor};
+
+/// The config name of a loss written in Rhai.
+pub const SCRIPT_LOSS: &str = "ScriptLoss";
+
+/// A loss written in Rhai: `fn my_loss(prediction, target) { ... }` over the host tensor ops, returning a
+/// scalar tensor. The ops are tch ops, so the result is on the prediction's autograd graph and training
+/// differentiates through it. In the loss dialect `sum()`, `mean()`, `min()`, `max()` and `std()` return
+/// scalar tensors (in transforms they return numbers), so that nothing drops off the graph by accident.
+///
+/// It holds only the source text; each thread compiles its own copy once (see `script_transform`), and
+/// errors read `file:line:col: message` with the loss file's position.
+#[derive(Clone)]
+pub struct ScriptLoss(Arc<ScriptVersion>);
+
+impl ScriptLoss {
+    /// Compiles `source` (read from `path`, which errors name) and checks `function(prediction, target)`.
+    pub fn compile(path: &Path, source: String, function: &str) -> Result<Self> {
+        ScriptVersion::compile(path, source, ScriptRole::Loss, function, None).map(Self)
+    }
+
+    /// Reads and compiles a loss file.
+    pub fn load(path: &Path, function: &str) -> Result<Self> {
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read script loss {}", path.display()))?;
+        Self::compile(path, source, function)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    pub fn function(&self) -> &str {
+        self.0.function()
+    }
+
+    pub fn source(&self) -> &str {
+        self.0.source()
+    }
+
+    /// The loss config, with the source text, so a manifest or model folder records the loss itself.
+    pub fn config(&self) -> Value {
+        json!({
+            "name": SCRIPT_LOSS,
+            "path": self.path().display().to_string(),
+            "function": self.function(),
+            "source": self.source(),
+        })
+    }
+
+    /// Runs the function and checks it returned a scalar tensor that the prediction's gradient flows into.
+    fn evaluate(&self, p: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let (path, function) = (self.path().display(), self.function());
+        let result = self.0.call_function(
+            function,
+            (
+                ScriptTensor(p.shallow_clone()),
+                ScriptTensor(t.shallow_clone()),
+            ),
+        )?;
+        let type_name = result.type_name();
+        let Some(ScriptTensor(value)) = result.try_cast::<ScriptTensor>() else {
+            bail!("{path}: loss `{function}` must return a scalar Tensor, but it returned {type_name}");
+        };
+        if value.numel() != 1 || !value.is_floating_point() {
+            bail!(
+                "{path}: loss `{function}` must return a scalar floating-point Tensor, but it returned one of shape {:?} ({:?}); reduce it with sum() or mean()",
+                value.size(),
+                value.kind()
+            );
+        }
+        if p.requires_grad() && !value.requires_grad() {
+            bail!(
+                "{path}: loss `{function}` does not depend differentiably on the prediction, so it cannot train \
+                 (numbers from item(), comparison masks and detach() carry no gradient)"
+            );
+        }
+        // The prediction's kind, as every other loss, so that a LossCombination can stack the parts.
+        Ok(value.reshape([0i64; 0]).to_kind(p.kind()))
+    }
+}
+
+impl PartialEq for ScriptLoss {
+    fn eq(&self, other: &Self) -> bool {
+        self.path() == other.path()
+            && self.function() == other.function()
+            && self.source() == other.source()
+    }
+}
+
+impl std::fmt::Debug for ScriptLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ScriptLoss({}: {})",
+            self.path().display(),
+            self.function()
+        )
+    }
+}
+
+/// `config` with the `source` text filled in for every `ScriptLoss` that gives only a `path` (also inside a
+/// `LossCombination`), so that what a run records is the loss it used, not a path to a file that may change.
+pub fn with_script_sources(config: &Value) -> Result<Value> {
+    Ok(match config {
+        Value::Object(map) => {
+            let mut map = map
+                .iter()
+                .map(|(key, value)| Ok((key.clone(), with_script_sources(value)?)))
+                .collect::<Result<Map<String, Value>>>()?;
+            if map.get("name").and_then(Value::as_str) == Some(SCRIPT_LOSS)
+                && !map.contains_key("source")
+            {
+                if let Some(path) = map.get("path").and_then(Value::as_str) {
+                    let source = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read script loss {path}"))?;
+                    map.insert("source".into(), Value::String(source));
+                }
+            }
+            Value::Object(map)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(with_script_sources)
+                .collect::<Result<_>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// `{"name": "ScriptLoss", "path": ..., "function": ..., "source": ...}`; without `source` the file is read.
+fn script_loss_from_config(user: &Map<String, Value>) -> Result<Loss> {
+    const KEYS: &[&str] = &["name", "path", "function", "source"];
+    if let Some(unknown) = user.keys().find(|key| !KEYS.contains(&key.as_str())) {
+        bail!("loss `{SCRIPT_LOSS}`: unknown parameter `{unknown}` (known parameters: path, function, source)");
+    }
+    let text = |key: &str| -> Result<Option<&str>> {
+        match user.get(key) {
+            None => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text)),
+            Some(other) => {
+                bail!("loss `{SCRIPT_LOSS}`: parameter `{key}` must be a string, got {other}")
+            }
+        }
+    };
+    let path = text("path")?
+        .ok_or_else(|| anyhow!("loss `{SCRIPT_LOSS}` needs a `path` (the Rhai file)"))?;
+    let function = text("function")?.ok_or_else(|| {
+        anyhow!(
+            "loss `{SCRIPT_LOSS}` needs a `function` (the name of `fn name(prediction, target)`)"
+        )
+    })?;
+    let loss = match text("source")? {
+        Some(source) => ScriptLoss::compile(Path::new(path), source.to_owned(), function)?,
+        None => ScriptLoss::load(Path::new(path), function)?,
+    };
+    Ok(Loss::Script(loss))
+}
 
 /// A configured ivadomed loss.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,6 +257,8 @@ pub enum Loss {
     },
     /// `LossCombination`: `Σ weight_i · loss_i`. ivadomed sums its parts with weight 1; weights are an addition.
     Combination(Vec<(f64, Loss)>),
+    /// `ScriptLoss`: a Rhai function (not in ivadomed).
+    Script(ScriptLoss),
 }
 
 /// The loss names, in ivadomed's order (`training.get_loss_function`).
@@ -252,15 +418,21 @@ impl Loss {
         };
         let Some(name) = user.get("name") else {
             bail!(
-                "loss config {config} has no `name` (known losses: {})",
+                "loss config {config} has no `name` (known losses: {}, {SCRIPT_LOSS})",
                 NAMES.join(", ")
             );
         };
+        if name.as_str() == Some(SCRIPT_LOSS) {
+            return script_loss_from_config(user);
+        }
         let Some(name) = name
             .as_str()
             .and_then(|n| NAMES.iter().find(|known| **known == n))
         else {
-            bail!("unknown loss {name} (known losses: {})", NAMES.join(", "));
+            bail!(
+                "unknown loss {name} (known losses: {}, {SCRIPT_LOSS})",
+                NAMES.join(", ")
+            );
         };
         let also_known: &[&str] = if *name == "LossCombination" {
             IVADOMED_COMBINATION_KEYS
@@ -408,6 +580,7 @@ impl Loss {
             Loss::L2 => "L2loss",
             Loss::AdapWing { .. } => "AdapWingLoss",
             Loss::Combination(_) => "LossCombination",
+            Loss::Script(_) => SCRIPT_LOSS,
         }
     }
 
@@ -514,6 +687,7 @@ impl Loss {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&weighted, 0).sum(kind)
             }
+            Loss::Script(script) => script.evaluate(p, t)?,
         })
     }
 }

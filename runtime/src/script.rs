@@ -5,16 +5,17 @@
 //! error as `file:line:col: message`.
 use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
 use crate::data::{split_by_subject, SliceSet};
+use crate::losses::ScriptLoss;
 use crate::model_folder;
 use crate::pipeline::{LivePipeline, Phase, Pipeline, Step, StepOptions, StepTransform};
 use crate::plugin::{PluginModel, PluginRegistry};
 use crate::script_transform::ScriptTransform;
-use crate::train::{seed_everything, train, TrainConfig};
+use crate::train::{seed_everything, EpochRecord, Held, TrainConfig, TrainReport, Trainer};
 use crate::{evaluate, infer, metrics, phantom, transfer};
 use anyhow::{anyhow, Context, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, Scope};
 use serde_json::{json, Value};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -35,6 +36,10 @@ pub struct ScriptContext {
 pub struct Dataset {
     entries: Rc<Vec<BidsEntry>>,
 }
+
+/// A training run stepped by the script (`trainer(net, #{...})`).
+#[derive(Clone)]
+pub struct TrainerHandle(Rc<RefCell<Trainer<'static>>>);
 
 /// A pipeline step: a plugin transform or a script transform, with its `applied_to`/`dataset_type`.
 #[derive(Clone)]
@@ -147,6 +152,19 @@ fn dataset_option(options: &Map, key: &str) -> ScriptResult<Dataset> {
         })
 }
 
+/// `path`, when relative, taken from the folder of the calling script (the current directory when the script
+/// has no file).
+fn relative_to_caller(call: &NativeCallContext, path: &str) -> PathBuf {
+    let file = PathBuf::from(path);
+    match call
+        .call_source()
+        .and_then(|source| Path::new(source).parent())
+    {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file,
+    }
+}
+
 /// Builds a script step; `path` is relative to the folder of the script that calls `script_transform` (the
 /// current directory when the script has no file).
 fn script_transform_step(
@@ -169,21 +187,230 @@ fn script_transform_step(
     let mut keyed = to_json(&Dynamic::from_map(options))?;
     let step_options = StepOptions::take_from(&mut keyed)
         .map_err(|e| script_error(e.context("script_transform")))?;
-    let mut file = PathBuf::from(path);
-    if file.is_relative() {
-        if let Some(dir) = call
-            .call_source()
-            .and_then(|source| Path::new(source).parent())
-        {
-            file = dir.join(file);
-        }
-    }
+    let file = relative_to_caller(call, path);
     let transform =
         ScriptTransform::load(&file, function, undo.as_deref()).map_err(script_error)?;
     Ok(TransformHandle(Step {
         transform: StepTransform::Script(Arc::new(transform)),
         options: step_options,
     }))
+}
+
+/// The options `train` and `trainer` take.
+const TRAIN_OPTIONS: &[&str] = &[
+    "train",
+    "valid",
+    "preprocess",
+    "augment",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "seed",
+    "out",
+    "threshold",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "early_stopping_patience",
+    "early_stopping_epsilon",
+    "mixup_alpha",
+    "gradient_clip",
+    "balanced_epochs",
+    "resume",
+    "keep_checkpoints",
+    "precision",
+    "channels_last",
+];
+
+/// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
+/// returns the prepared run, which co-owns the model, pipelines and slice sets.
+fn prepare_training(
+    context: &ScriptContext,
+    function: &str,
+    model: ModelHandle,
+    options: Map,
+) -> ScriptResult<Trainer<'static>> {
+    check_keys(function, &options, TRAIN_OPTIONS)?;
+    let train_set = dataset_option(&options, "train")?;
+    let valid_set = dataset_option(&options, "valid")?;
+    let pipeline = match options.get("preprocess") {
+        Some(value) => transforms_of(
+            &value
+                .clone()
+                .into_array()
+                .map_err(|_| script_error(anyhow!("`preprocess` must be a list")))?,
+        )?,
+        None => Pipeline::default(),
+    };
+    let augment = match options.get("augment") {
+        Some(value) => Some(LivePipeline::new(transforms_of(
+            &value
+                .clone()
+                .into_array()
+                .map_err(|_| script_error(anyhow!("`augment` must be a list")))?,
+        )?)),
+        None => None,
+    };
+    let optimizer = match options.get("optimizer") {
+        Some(value) => {
+            if options.contains_key("learning_rate") || options.contains_key("weight_decay") {
+                return Err(script_error(anyhow!(
+                    "{function}: give `learning_rate`/`weight_decay` inside `optimizer` (as `lr`/`weight_decay`), not both"
+                )));
+            }
+            to_json(value)?
+        }
+        None => json!({
+            "name": "Adam",
+            "lr": option(&options, "learning_rate", 1e-3, number)?,
+            "weight_decay": option(&options, "weight_decay", 0.0, number)?,
+        }),
+    };
+    let optional_number = |key: &str| -> ScriptResult<Option<f64>> {
+        options
+            .get(key)
+            .map(|v| {
+                number(v).ok_or_else(|| {
+                    script_error(anyhow!("{function}: `{key}` must be a number, got {v}"))
+                })
+            })
+            .transpose()
+    };
+    if let (Some(watcher), Some(live)) = (&context.watcher, &augment) {
+        watcher.register("augment", live).map_err(script_error)?;
+    }
+    let early_stopping_patience = options
+        .get("early_stopping_patience")
+        .map(|v| {
+            integer(v)
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    script_error(anyhow!(
+                        "{function}: `early_stopping_patience` must be a positive integer, got {v}"
+                    ))
+                })
+        })
+        .transpose()?;
+    let precision = option(&options, "precision", "fp32".to_owned(), text)?;
+    let config = TrainConfig {
+        epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
+        batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
+        seed: option(&options, "seed", 0, integer)? as u64,
+        out_dir: PathBuf::from(option(&options, "out", "runs/experiment".to_owned(), text)?),
+        device: context.device.get(),
+        threshold: option(&options, "threshold", 0.5, number)?,
+        progress: context.progress,
+        loss: match options.get("loss") {
+            Some(value) => to_json(value)?,
+            None => json!({"name": "DiceLoss"}),
+        },
+        optimizer,
+        scheduler: options.get("scheduler").map(to_json).transpose()?,
+        early_stopping_patience,
+        early_stopping_epsilon: option(&options, "early_stopping_epsilon", 0.001, number)?,
+        mixup_alpha: optional_number("mixup_alpha")?,
+        gradient_clip: optional_number("gradient_clip")?,
+        balanced_epochs: option(&options, "balanced_epochs", 0, integer)?.max(0) as usize,
+        resume: option(&options, "resume", false, |v| v.as_bool().ok())?,
+        keep_checkpoints: option(&options, "keep_checkpoints", 2, integer)?.max(2) as usize,
+        manifest: Value::Null,
+        precision: crate::precision::Precision::parse(&precision).map_err(script_error)?,
+        channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
+    };
+    let train_slices =
+        SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed)
+            .map_err(script_error)?;
+    let valid_slices = SliceSet::build_in(
+        Phase::Validation,
+        &valid_set.entries,
+        &pipeline,
+        config.seed,
+    )
+    .map_err(script_error)?;
+    println!(
+        "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
+        model.0.architecture,
+        crate::device::describe(config.device),
+        model.0.parameter_count(),
+        train_slices.len(),
+        train_slices.volumes.len(),
+        valid_slices.len(),
+        valid_slices.volumes.len()
+    );
+    let contrasts: std::collections::BTreeSet<&str> = train_set
+        .entries
+        .iter()
+        .map(|e| e.contrast.as_str())
+        .collect();
+    let subjects = |set: &Dataset| -> std::collections::BTreeSet<String> {
+        set.entries.iter().map(|e| e.subject.clone()).collect()
+    };
+    let all_entries: Vec<_> = train_set
+        .entries
+        .iter()
+        .chain(valid_set.entries.iter())
+        .cloned()
+        .collect();
+    let data = json!({
+        "slice_axis": "axial",
+        "contrasts": contrasts,
+        "seed": config.seed,
+        "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
+        "split": {"train": subjects(&train_set), "valid": subjects(&valid_set)},
+    });
+    Trainer::new(
+        Rc::clone(&model.0),
+        Rc::new(pipeline),
+        Rc::new(train_slices),
+        Rc::new(valid_slices),
+        data,
+        config,
+        augment.map(|live| Held::Shared(Rc::new(live))),
+    )
+    .map_err(script_error)
+}
+
+/// One epoch's record as a script map.
+fn record_map(record: &EpochRecord) -> Map {
+    let mut map = Map::new();
+    map.insert("epoch".into(), (record.epoch as i64).into());
+    map.insert("train_loss".into(), record.train_loss.into());
+    map.insert("valid_loss".into(), record.valid_loss.into());
+    map.insert("valid_dice".into(), record.valid_dice.into());
+    map.insert("learning_rate".into(), record.learning_rate.into());
+    map.insert("seconds".into(), record.seconds.into());
+    map
+}
+
+/// What `train` returns and `report()` gives.
+fn report_map(report: &TrainReport) -> Map {
+    let history: Array = report
+        .history
+        .iter()
+        .map(|r| record_map(r).into())
+        .collect();
+    let mut result = Map::new();
+    result.insert("best_dice".into(), report.best_dice.into());
+    result.insert("best_epoch".into(), (report.best_epoch as i64).into());
+    result.insert(
+        "model_dir".into(),
+        report.model_dir.display().to_string().into(),
+    );
+    result.insert(
+        "metrics_csv".into(),
+        report.metrics_csv.display().to_string().into(),
+    );
+    result.insert(
+        "last_checkpoint".into(),
+        report.last_checkpoint.display().to_string().into(),
+    );
+    result.insert("stopped_early".into(), report.stopped_early.into());
+    result.insert("stopped_by_script".into(), report.stopped_by_caller.into());
+    result.insert("resumed_from".into(), (report.resumed_from as i64).into());
+    result.insert("history".into(), history.into());
+    result
 }
 
 /// A model folder loaded once (network, weights and preprocessing) for repeated segmentation.
@@ -432,130 +659,86 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
 
     {
         let context = Rc::clone(&context);
-        engine.register_fn("train", move |model: ModelHandle, options: Map| -> ScriptResult<Map> {
-            check_keys(
-                "train",
-                &options,
-                &[
-                    "train", "valid", "preprocess", "augment", "epochs", "batch_size", "learning_rate", "weight_decay", "seed",
-                    "out", "threshold", "loss", "optimizer", "scheduler", "early_stopping_patience",
-                    "early_stopping_epsilon", "mixup_alpha", "gradient_clip", "balanced_epochs", "resume", "keep_checkpoints",
-                    "precision", "channels_last",
-                ],
-            )?;
-            let train_set = dataset_option(&options, "train")?;
-            let valid_set = dataset_option(&options, "valid")?;
-            let pipeline = match options.get("preprocess") {
-                Some(value) => transforms_of(
-                    &value.clone().into_array().map_err(|_| script_error(anyhow!("`preprocess` must be a list")))?,
-                )?,
-                None => Pipeline::default(),
-            };
-            let augment = match options.get("augment") {
-                Some(value) => Some(LivePipeline::new(transforms_of(
-                    &value.clone().into_array().map_err(|_| script_error(anyhow!("`augment` must be a list")))?,
-                )?)),
-                None => None,
-            };
-            let optimizer = match options.get("optimizer") {
-                Some(value) => {
-                    if options.contains_key("learning_rate") || options.contains_key("weight_decay") {
-                        return Err(script_error(anyhow!(
-                            "train: give `learning_rate`/`weight_decay` inside `optimizer` (as `lr`/`weight_decay`), not both"
-                        )));
-                    }
-                    to_json(value)?
+        engine.register_fn(
+            "train",
+            move |model: ModelHandle, options: Map| -> ScriptResult<Map> {
+                let mut trainer = prepare_training(&context, "train", model, options)?;
+                while !trainer.finished() {
+                    trainer.run_epoch().map_err(script_error)?;
                 }
-                None => json!({
-                    "name": "Adam",
-                    "lr": option(&options, "learning_rate", 1e-3, number)?,
-                    "weight_decay": option(&options, "weight_decay", 0.0, number)?,
-                }),
-            };
-            let optional_number = |key: &str| -> ScriptResult<Option<f64>> {
-                options.get(key).map(|v| number(v).ok_or_else(|| script_error(anyhow!("train: `{key}` must be a number, got {v}")))).transpose()
-            };
-            if let (Some(watcher), Some(live)) = (&context.watcher, &augment) {
-                watcher.register("augment", live).map_err(script_error)?;
-            }
-            let config = TrainConfig {
-                epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
-                batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
-                seed: option(&options, "seed", 0, integer)? as u64,
-                out_dir: PathBuf::from(option(&options, "out", "runs/experiment".to_owned(), text)?),
-                device: context.device.get(),
-                threshold: option(&options, "threshold", 0.5, number)?,
-                progress: context.progress,
-                loss: match options.get("loss") {
-                    Some(value) => to_json(value)?,
-                    None => json!({"name": "DiceLoss"}),
-                },
-                optimizer,
-                scheduler: options.get("scheduler").map(to_json).transpose()?,
-                early_stopping_patience: options
-                    .get("early_stopping_patience")
-                    .map(|v| integer(v).filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| script_error(anyhow!("train: `early_stopping_patience` must be a positive integer, got {v}"))))
-                    .transpose()?,
-                early_stopping_epsilon: option(&options, "early_stopping_epsilon", 0.001, number)?,
-                mixup_alpha: optional_number("mixup_alpha")?,
-                gradient_clip: optional_number("gradient_clip")?,
-                balanced_epochs: option(&options, "balanced_epochs", 0, integer)?.max(0) as usize,
-                resume: option(&options, "resume", false, |v| v.as_bool().ok())?,
-                keep_checkpoints: option(&options, "keep_checkpoints", 2, integer)?.max(2) as usize,
-                manifest: Value::Null,
-                precision: crate::precision::Precision::parse(&option(&options, "precision", "fp32".to_owned(), text)?)
-                    .map_err(script_error)?,
-                channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
-            };
-            let train_slices = SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed).map_err(script_error)?;
-            let valid_slices = SliceSet::build_in(Phase::Validation, &valid_set.entries, &pipeline, config.seed).map_err(script_error)?;
-            println!(
-                "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
-                model.0.architecture,
-                crate::device::describe(config.device),
-                model.0.parameter_count(),
-                train_slices.len(),
-                train_slices.volumes.len(),
-                valid_slices.len(),
-                valid_slices.volumes.len()
-            );
-            let contrasts: std::collections::BTreeSet<&str> = train_set.entries.iter().map(|e| e.contrast.as_str()).collect();
-            let subjects = |set: &Dataset| -> std::collections::BTreeSet<String> { set.entries.iter().map(|e| e.subject.clone()).collect() };
-            let all_entries: Vec<_> = train_set.entries.iter().chain(valid_set.entries.iter()).cloned().collect();
-            let data = json!({
-                "slice_axis": "axial",
-                "contrasts": contrasts,
-                "seed": config.seed,
-                "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
-                "split": {"train": subjects(&train_set), "valid": subjects(&valid_set)},
-            });
-            let report = train(&model.0, &pipeline, &train_slices, &valid_slices, &data, &config, augment.as_ref()).map_err(script_error)?;
-            let history: Array = report
-                .history
-                .iter()
-                .map(|r| {
-                    let mut map = Map::new();
-                    map.insert("epoch".into(), (r.epoch as i64).into());
-                    map.insert("train_loss".into(), r.train_loss.into());
-                    map.insert("valid_loss".into(), r.valid_loss.into());
-                    map.insert("valid_dice".into(), r.valid_dice.into());
-                    map.insert("learning_rate".into(), r.learning_rate.into());
-                    map.insert("seconds".into(), r.seconds.into());
-                    map.into()
-                })
-                .collect();
-            let mut result = Map::new();
-            result.insert("best_dice".into(), report.best_dice.into());
-            result.insert("best_epoch".into(), (report.best_epoch as i64).into());
-            result.insert("model_dir".into(), report.model_dir.display().to_string().into());
-            result.insert("metrics_csv".into(), report.metrics_csv.display().to_string().into());
-            result.insert("last_checkpoint".into(), report.last_checkpoint.display().to_string().into());
-            result.insert("stopped_early".into(), report.stopped_early.into());
-            result.insert("resumed_from".into(), (report.resumed_from as i64).into());
-            result.insert("history".into(), history.into());
-            Ok(result)
-        });
+                trainer
+                    .report()
+                    .map(|r| report_map(&r))
+                    .map_err(script_error)
+            },
+        );
     }
+
+    // Step by step: `let t = trainer(net, #{...}); while !t.finished { let r = t.run_epoch(); ... }`.
+    engine.register_type_with_name::<TrainerHandle>("Trainer");
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "trainer",
+            move |model: ModelHandle, options: Map| -> ScriptResult<TrainerHandle> {
+                let trainer = prepare_training(&context, "trainer", model, options)?;
+                Ok(TrainerHandle(Rc::new(RefCell::new(trainer))))
+            },
+        );
+    }
+    engine.register_fn("run_epoch", |t: &mut TrainerHandle| -> ScriptResult<Map> {
+        let mut trainer = t.0.borrow_mut();
+        let record = trainer.run_epoch().map_err(script_error)?;
+        let mut map = record_map(&record);
+        map.insert("stopped_early".into(), trainer.stopped_early().into());
+        Ok(map)
+    });
+    engine.register_get("finished", |t: &mut TrainerHandle| t.0.borrow().finished());
+    engine.register_get("history", |t: &mut TrainerHandle| -> Array {
+        t.0.borrow()
+            .history()
+            .iter()
+            .map(|r| record_map(r).into())
+            .collect()
+    });
+    engine.register_get("next_epoch", |t: &mut TrainerHandle| {
+        t.0.borrow().next_epoch() as i64
+    });
+    engine.register_get("epochs", |t: &mut TrainerHandle| {
+        t.0.borrow().config().epochs as i64
+    });
+    engine.register_fn("report", |t: &mut TrainerHandle| -> ScriptResult<Map> {
+        t.0.borrow()
+            .report()
+            .map(|r| report_map(&r))
+            .map_err(script_error)
+    });
+    // The script's own stopping rule: no further epoch runs, and the manifest gets its final timing.
+    engine.register_fn("stop", |t: &mut TrainerHandle| -> ScriptResult<()> {
+        t.0.borrow_mut().stop().map_err(script_error)
+    });
+    engine.register_fn("to_string", |t: &mut TrainerHandle| {
+        let trainer = t.0.borrow();
+        format!(
+            "Trainer({} of {} epochs run{})",
+            trainer.history().len(),
+            trainer.config().epochs,
+            if trainer.finished() { ", finished" } else { "" }
+        )
+    });
+
+    // script_loss("losses.rhai", "my_loss"): a loss config for `loss:` running `fn my_loss(prediction, target)`;
+    // a relative path is taken from the calling script's folder.
+    engine.register_fn(
+        "script_loss",
+        |call: NativeCallContext, path: &str, function: &str| -> ScriptResult<Map> {
+            let loss = ScriptLoss::load(&relative_to_caller(&call, path), function)
+                .map_err(script_error)?;
+            rhai::serde::to_dynamic(loss.config())?
+                .try_cast::<Map>()
+                .ok_or_else(|| script_error(anyhow!("script_loss: the config is not a map")))
+        },
+    );
 
     engine.register_fn("summary", |m: &mut ModelHandle| transfer::summary(&m.0));
 

@@ -11,6 +11,9 @@
 //! function gets the sample and returns it; only the named function (and functions it calls) runs, never the
 //! file's top-level statements.
 //!
+//! The same machinery compiles Rhai losses (`script_loss`, see `losses::ScriptLoss`): [`ScriptRole::Loss`]
+//! functions take `(prediction, target)` and run on an engine whose whole-tensor reductions return tensors.
+//!
 //! Threads: a Rhai engine and AST are not `Send` (without Rhai's `sync` feature, which would also require
 //! `Sync` tensors, and `tch::Tensor` is not). Rather than funnel every call through one engine thread, each
 //! thread that runs a script step compiles the step's source once into a thread-local cache and calls it
@@ -233,6 +236,40 @@ fn reduce(
         .map_err(tch_error)
 }
 
+/// Axes from a script list such as `[1, 2]`; negative axes count from the end, as in torch.
+fn axes(list: &Array) -> ScriptResult<Vec<i64>> {
+    list.iter()
+        .map(|axis| axis.as_int().ok())
+        .collect::<Option<Vec<i64>>>()
+        .ok_or_else(|| runtime_error("axes must be a list of integers, e.g. [2, 3]"))
+}
+
+/// The kind a sum or mean keeps: the tensor's own when floating point, else fp32.
+fn reduction_kind(t: &Tensor) -> Kind {
+    if t.is_floating_point() {
+        t.kind()
+    } else {
+        Kind::Float
+    }
+}
+
+/// A reduction over `dims` that stays a tensor (on the autograd graph).
+fn reduce_axes(
+    t: &ScriptTensor,
+    dims: &Array,
+    keepdim: bool,
+    mean: bool,
+) -> ScriptResult<ScriptTensor> {
+    let dims = axes(dims)?;
+    let kind = reduction_kind(&t.0);
+    let result = if mean {
+        t.0.f_mean_dim(dims.as_slice(), keepdim, kind)
+    } else {
+        t.0.f_sum_dim_intlist(dims.as_slice(), keepdim, kind)
+    };
+    result.map(ScriptTensor).map_err(tch_error)
+}
+
 fn spacing_array(meta: &serde_json::Map<String, Value>) -> Array {
     meta.get("spacing")
         .and_then(Value::as_array)
@@ -280,6 +317,7 @@ pub fn register_tensor_api(engine: &mut Engine) {
     operator!("*", Op::Mul);
     operator!("/", Op::Div);
     operator!("pow", Op::Pow);
+    operator!("**", Op::Pow);
     operator!("gt", Op::Gt);
     operator!("lt", Op::Lt);
     operator!("ge", Op::Ge);
@@ -295,6 +333,66 @@ pub fn register_tensor_api(engine: &mut Engine) {
     engine.register_fn("sigmoid", |t: &mut ScriptTensor| {
         unary(t, Tensor::f_sigmoid)
     });
+    engine.register_fn("square", |t: &mut ScriptTensor| unary(t, Tensor::f_square));
+    engine.register_fn("reciprocal", |t: &mut ScriptTensor| {
+        unary(t, Tensor::f_reciprocal)
+    });
+    engine.register_fn("log1p", |t: &mut ScriptTensor| unary(t, Tensor::f_log1p));
+    engine.register_fn("softmax", |t: &mut ScriptTensor, dim: INT| {
+        unary(t, |t| t.f_softmax(dim, reduction_kind(t)))
+    });
+    engine.register_fn("log_softmax", |t: &mut ScriptTensor, dim: INT| {
+        unary(t, |t| t.f_log_softmax(dim, reduction_kind(t)))
+    });
+    // Cuts the autograd graph: a loss weight computed from the prediction but not trained through.
+    engine.register_fn("detach", |t: &mut ScriptTensor| ScriptTensor(t.0.detach()));
+    engine.register_fn("flatten", |t: &mut ScriptTensor| {
+        unary(t, |t| t.f_flatten(0, -1))
+    });
+    engine.register_fn(
+        "reshape",
+        |t: &mut ScriptTensor, shape: Array| -> ScriptResult<ScriptTensor> {
+            let shape = axes(&shape)?;
+            unary(t, |t| t.f_reshape(shape.as_slice()))
+        },
+    );
+    // `x.select(1, 0)`: channel 0 of an [N, C, ...] tensor, without the channel axis.
+    engine.register_fn("select", |t: &mut ScriptTensor, dim: INT, index: INT| {
+        unary(t, |t| t.f_select(dim, index))
+    });
+    engine.register_fn(
+        "narrow",
+        |t: &mut ScriptTensor, dim: INT, start: INT, length: INT| {
+            unary(t, |t| t.f_narrow(dim, start, length))
+        },
+    );
+    engine.register_fn("clamp_min", |t: &mut ScriptTensor, low: FLOAT| {
+        unary(t, |t| t.f_clamp_min(low))
+    });
+    engine.register_fn("clamp_min", |t: &mut ScriptTensor, low: INT| {
+        unary(t, |t| t.f_clamp_min(low))
+    });
+    engine.register_fn("clamp_max", |t: &mut ScriptTensor, high: FLOAT| {
+        unary(t, |t| t.f_clamp_max(high))
+    });
+    engine.register_fn("clamp_max", |t: &mut ScriptTensor, high: INT| {
+        unary(t, |t| t.f_clamp_max(high))
+    });
+    // Elementwise larger/smaller of a tensor and a tensor or number.
+    engine.register_fn(
+        "maximum",
+        |t: &mut ScriptTensor, other: Dynamic| -> ScriptResult<ScriptTensor> {
+            let other = Operand::of(&other)?.tensor_like(&t.0)?;
+            unary(t, |t| t.f_maximum(&other))
+        },
+    );
+    engine.register_fn(
+        "minimum",
+        |t: &mut ScriptTensor, other: Dynamic| -> ScriptResult<ScriptTensor> {
+            let other = Operand::of(&other)?.tensor_like(&t.0)?;
+            unary(t, |t| t.f_minimum(&other))
+        },
+    );
     engine.register_fn("to_float", |t: &mut ScriptTensor| {
         unary(t, |t| t.f_to_kind(Kind::Float))
     });
@@ -349,6 +447,34 @@ pub fn register_tensor_api(engine: &mut Engine) {
             centred.f_square()?.f_mean(Kind::Double)?.f_sqrt()
         })
     });
+    // Reductions over some axes stay tensors: `x.sum([2, 3])` sums the spatial axes of [N, C, H, W].
+    engine.register_fn("sum", |t: &mut ScriptTensor, dims: Array| {
+        reduce_axes(t, &dims, false, false)
+    });
+    engine.register_fn("sum", |t: &mut ScriptTensor, dims: Array, keepdim: bool| {
+        reduce_axes(t, &dims, keepdim, false)
+    });
+    engine.register_fn("mean", |t: &mut ScriptTensor, dims: Array| {
+        reduce_axes(t, &dims, false, true)
+    });
+    engine.register_fn(
+        "mean",
+        |t: &mut ScriptTensor, dims: Array, keepdim: bool| reduce_axes(t, &dims, keepdim, true),
+    );
+    // The number in a one-element tensor.
+    engine.register_fn("item", |t: &mut ScriptTensor| -> ScriptResult<FLOAT> {
+        if t.0.numel() != 1 {
+            return Err(runtime_error(format!(
+                "item() needs a tensor of one element, this one has shape {:?}",
+                t.0.size()
+            )));
+        }
+        t.0.f_to_kind(Kind::Double)
+            .and_then(|d| d.f_reshape([1i64]))
+            .and_then(|d| d.f_double_value(&[0]))
+            .map_err(tch_error)
+    });
+    engine.register_fn("ndim", |t: &mut ScriptTensor| t.0.dim() as INT);
     engine.register_get("shape", |t: &mut ScriptTensor| -> Array {
         t.0.size().into_iter().map(Dynamic::from_int).collect()
     });
@@ -416,6 +542,56 @@ pub fn register_tensor_api(engine: &mut Engine) {
     });
 }
 
+/// What a script function is for, which decides its parameters and its engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScriptRole {
+    /// A pipeline step: `fn step(sample)` returning the sample; reductions return numbers.
+    Transform,
+    /// A training loss: `fn loss(prediction, target)` returning a scalar tensor. Reductions return tensors
+    /// so that the result stays on the autograd graph.
+    Loss,
+}
+
+impl ScriptRole {
+    fn parameters(self) -> &'static [&'static str] {
+        match self {
+            ScriptRole::Transform => &["sample"],
+            ScriptRole::Loss => &["prediction", "target"],
+        }
+    }
+}
+
+/// Registers the loss dialect over [`register_tensor_api`]: whole-tensor reductions return scalar tensors
+/// instead of numbers, so a loss written with them stays differentiable (`item()` gives the number).
+pub fn register_loss_api(engine: &mut Engine) {
+    fn whole(
+        t: &mut ScriptTensor,
+        what: &str,
+        f: impl FnOnce(&Tensor) -> std::result::Result<Tensor, tch::TchError>,
+    ) -> ScriptResult<ScriptTensor> {
+        if t.0.numel() == 0 {
+            return Err(runtime_error(format!("{what} of an empty tensor")));
+        }
+        unary(t, f)
+    }
+    // Registered after the number-returning versions with the same signature, so these replace them.
+    engine.register_fn("sum", |t: &mut ScriptTensor| {
+        whole(t, "sum", |t| t.f_sum(reduction_kind(t)))
+    });
+    engine.register_fn("mean", |t: &mut ScriptTensor| {
+        whole(t, "mean", |t| t.f_mean(reduction_kind(t)))
+    });
+    engine.register_fn("min", |t: &mut ScriptTensor| whole(t, "min", Tensor::f_min));
+    engine.register_fn("max", |t: &mut ScriptTensor| whole(t, "max", Tensor::f_max));
+    engine.register_fn("std", |t: &mut ScriptTensor| {
+        whole(t, "std", |t| {
+            let kind = reduction_kind(t);
+            let centred = t.f_sub(&t.f_mean(kind)?)?;
+            centred.f_square()?.f_mean(kind)?.f_sqrt()
+        })
+    });
+}
+
 fn transform_engine() -> Engine {
     let mut engine = Engine::new();
     engine.set_max_expr_depths(128, 64);
@@ -423,11 +599,18 @@ fn transform_engine() -> Engine {
     engine
 }
 
-/// One compiled version of a script step's source.
+fn loss_engine() -> Engine {
+    let mut engine = transform_engine();
+    register_loss_api(&mut engine);
+    engine
+}
+
+/// One compiled version of a script function's source (a step with its optional undo, or a loss).
 pub struct ScriptVersion {
     id: u64,
     path: PathBuf,
     source: String,
+    role: ScriptRole,
     function: String,
     undo: Option<String>,
 }
@@ -439,15 +622,18 @@ type CompiledEntry = (u64, Weak<ScriptVersion>, Rc<AST>);
 
 thread_local! {
     static ENGINE: Rc<Engine> = Rc::new(transform_engine());
+    static LOSS_ENGINE: Rc<Engine> = Rc::new(loss_engine());
     /// This thread's compiled ASTs, by version id; an entry goes when its version is dropped.
     static COMPILED: RefCell<Vec<CompiledEntry>> = const { RefCell::new(Vec::new()) };
 }
 
 impl ScriptVersion {
-    /// Compiles `source` and checks the functions exist with one parameter. Errors read `file:line:col: ...`.
-    fn compile(
+    /// Compiles `source` and checks the functions exist with the role's parameters. Errors read
+    /// `file:line:col: ...`.
+    pub fn compile(
         path: &Path,
         source: String,
+        role: ScriptRole,
         function: &str,
         undo: Option<&str>,
     ) -> Result<Arc<Self>> {
@@ -455,6 +641,7 @@ impl ScriptVersion {
             id: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             source,
+            role,
             function: function.to_owned(),
             undo: undo.map(str::to_owned),
         });
@@ -462,25 +649,43 @@ impl ScriptVersion {
         Ok(version)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
     fn parse(&self, engine: &Engine) -> Result<AST> {
         let mut ast = engine
             .compile(&self.source)
             .map_err(|error| anyhow!(format_error(&self.path, &EvalAltResult::from(error))))?;
         ast.set_source(self.path.display().to_string());
+        let parameters = self.role.parameters();
         for name in std::iter::once(&self.function).chain(&self.undo) {
             let found: Vec<usize> = ast
                 .iter_functions()
                 .filter(|f| f.name == name)
                 .map(|f| f.params.len())
                 .collect();
-            if !found.contains(&1) {
+            if !found.contains(&parameters.len()) {
                 let defined: Vec<String> = ast
                     .iter_functions()
                     .map(|f| format!("{}({})", f.name, f.params.join(", ")))
                     .collect();
                 bail!(
-                    "{}: no function `{name}(sample)` taking one argument (defined: {})",
+                    "{}: no function `{name}({})` taking {} (defined: {})",
                     self.path.display(),
+                    parameters.join(", "),
+                    match parameters.len() {
+                        1 => "one argument".to_owned(),
+                        n => format!("{n} arguments"),
+                    },
                     if defined.is_empty() {
                         "none".to_owned()
                     } else {
@@ -494,7 +699,10 @@ impl ScriptVersion {
 
     /// This thread's engine and compiled AST for this version.
     fn compiled(self: &Arc<Self>) -> Result<(Rc<Engine>, Rc<AST>)> {
-        let engine = ENGINE.with(Rc::clone);
+        let engine = match self.role {
+            ScriptRole::Transform => ENGINE.with(Rc::clone),
+            ScriptRole::Loss => LOSS_ENGINE.with(Rc::clone),
+        };
         let cached = COMPILED.with(|cache| {
             cache
                 .borrow()
@@ -514,18 +722,26 @@ impl ScriptVersion {
         Ok((engine, ast))
     }
 
-    fn call(self: &Arc<Self>, function: &str, sample: Sample, seed: u64) -> Result<Sample> {
+    /// Calls `function` of this thread's compiled copy; errors read `file:line:col: ...`.
+    pub fn call_function(
+        self: &Arc<Self>,
+        function: &str,
+        arguments: impl rhai::FuncArgs,
+    ) -> Result<Dynamic> {
         let (engine, ast) = self.compiled()?;
-        let argument = ScriptSample::new(sample, seed);
-        let result: Dynamic = engine
+        engine
             .call_fn_with_options(
                 CallFnOptions::new().eval_ast(false),
                 &mut Scope::new(),
                 &ast,
                 function,
-                (argument,),
+                arguments,
             )
-            .map_err(|error| anyhow!(format_error(&self.path, &error)))?;
+            .map_err(|error| anyhow!(format_error(&self.path, &error)))
+    }
+
+    fn call(self: &Arc<Self>, function: &str, sample: Sample, seed: u64) -> Result<Sample> {
+        let result = self.call_function(function, (ScriptSample::new(sample, seed),))?;
         if !result.is::<ScriptSample>() {
             bail!(
                 "{}: `{function}` must return the sample (end the function with `sample`), but it returned {}",
@@ -565,7 +781,7 @@ impl ScriptTransform {
         undo: Option<&str>,
     ) -> Result<Self> {
         Ok(Self {
-            current: ScriptVersion::compile(path, source, function, undo)?,
+            current: ScriptVersion::compile(path, source, ScriptRole::Transform, function, undo)?,
             fallback: None,
             failed: AtomicBool::new(false),
         })
@@ -585,6 +801,7 @@ impl ScriptTransform {
             current: ScriptVersion::compile(
                 &running.path,
                 source,
+                ScriptRole::Transform,
                 &running.function,
                 running.undo.as_deref(),
             )?,
@@ -787,6 +1004,88 @@ mod tests {
             &[1.0],
         ));
         assert!(error.starts_with("t.rhai:3:"), "{error}");
+    }
+
+    #[test]
+    fn axis_reductions_and_loss_ops() {
+        // Expected values worked by hand from x = [[1, 2], [3, 4]] (shape [1, 2, 2]).
+        let source = r#"
+            fn step(sample) {
+                let x = sample.image;
+                if x.sum([2]).shape != [1, 2] || x.sum([1], true).shape != [1, 1, 2] { throw "shapes"; }
+                sample.set("rows", x.sum([2]));
+                sample.set("columns", x.mean([-2]));
+                sample.set("powers", (x ** 2 - x.square()) + x.reciprocal() * x);
+                sample.set("bounds", x.maximum(2).minimum(3.0) + x.clamp_min(3).clamp_max(3.5));
+                sample.set("soft", x.select(1, 0).softmax(-1).log() - x.select(1, 0).log_softmax(-1));
+                sample.set("first_row", x.narrow(1, 0, 1).reshape([2]).flatten().log1p().detach());
+                if x.sum() != 10.0 || x.narrow(2, 1, 1).sum([1, 2]).item() != 6.0 { throw "numbers"; }
+                if x.ndim() != 3 { throw "ndim"; }
+                sample
+            }"#;
+        let mut input = Sample::new();
+        input.insert(
+            "image",
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 2, 2]),
+        );
+        let out = ScriptTransform::compile(Path::new("t.rhai"), source.into(), "step", None)
+            .unwrap()
+            .apply(input, 0)
+            .unwrap();
+        assert_eq!(values(out.get("rows").unwrap()), vec![3.0, 7.0]);
+        assert_eq!(values(out.get("columns").unwrap()), vec![2.0, 3.0]);
+        assert_eq!(values(out.get("powers").unwrap()), vec![1.0; 4]);
+        // max(x, 2) then min(.., 3): [2, 2, 3, 3]; clamp to [3, 3.5]: [3, 3, 3, 3.5].
+        assert_eq!(values(out.get("bounds").unwrap()), vec![5.0, 5.0, 6.0, 6.5]);
+        let soft = values(out.get("soft").unwrap());
+        assert!(soft.iter().all(|v| v.abs() < 1e-6), "{soft:?}");
+        let first_row = values(out.get("first_row").unwrap());
+        assert!((first_row[0] - 2f32.ln()).abs() < 1e-6 && (first_row[1] - 3f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn in_the_loss_dialect_whole_reductions_are_differentiable_tensors() {
+        let source = "fn loss(prediction, target) {\n  let d = prediction - target;\n  d.square().sum() + d.abs().mean() * 0 + d.max() * 0 + d.min() * 0 + d.std() * 0\n}";
+        let loss = ScriptVersion::compile(
+            Path::new("l.rhai"),
+            source.into(),
+            ScriptRole::Loss,
+            "loss",
+            None,
+        )
+        .unwrap();
+        let prediction = Tensor::from_slice(&[1.0f32, 3.0]).set_requires_grad(true);
+        let target = Tensor::from_slice(&[0.0f32, 1.0]);
+        let result = loss
+            .call_function(
+                "loss",
+                (
+                    ScriptTensor(prediction.shallow_clone()),
+                    ScriptTensor(target),
+                ),
+            )
+            .unwrap()
+            .cast::<ScriptTensor>()
+            .0;
+        // Σ (p - t)² = 1 + 4; its gradient 2 (p - t) = [2, 4].
+        assert_eq!(result.double_value(&[]), 5.0);
+        result.backward();
+        assert_eq!(values(&prediction.grad()), vec![2.0, 4.0]);
+        // A transform of one parameter is not a loss.
+        let error = ScriptVersion::compile(
+            Path::new("l.rhai"),
+            "fn loss(p) { p }".into(),
+            ScriptRole::Loss,
+            "loss",
+            None,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            error.contains("no function `loss(prediction, target)` taking 2 arguments"),
+            "{error}"
+        );
     }
 
     #[test]

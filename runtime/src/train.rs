@@ -8,7 +8,7 @@
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
 use crate::data::SliceSet;
-use crate::losses::Loss;
+use crate::losses::{with_script_sources, Loss};
 use crate::metrics::Overlap;
 use crate::model_folder::{self, sha256_file, write_atomic};
 use crate::optim::Optimizer;
@@ -23,6 +23,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -116,6 +117,8 @@ pub struct TrainReport {
     pub last_checkpoint: PathBuf,
     /// Early stopping ended the run before `epochs`.
     pub stopped_early: bool,
+    /// The caller ended the run before `epochs` ([`Trainer::stop`]).
+    pub stopped_by_caller: bool,
     /// The epoch training resumed after (0 for a fresh run).
     pub resumed_from: usize,
 }
@@ -275,16 +278,47 @@ fn read_checkpoint(dir: &Path) -> Result<LoopState> {
     Ok(state)
 }
 
+/// A training input the trainer either borrows (from [`train`]'s caller) or co-owns (with a script's trainer
+/// handle, which outlives the call that made it).
+pub enum Held<'a, T> {
+    Borrowed(&'a T),
+    Shared(Rc<T>),
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            Held::Borrowed(value) => value,
+            Held::Shared(value) => value,
+        }
+    }
+}
+
+impl<'a, T> From<&'a T> for Held<'a, T> {
+    fn from(value: &'a T) -> Self {
+        Held::Borrowed(value)
+    }
+}
+
+impl<T> From<Rc<T>> for Held<'_, T> {
+    fn from(value: Rc<T>) -> Self {
+        Held::Shared(value)
+    }
+}
+
 /// One training run, epoch by epoch. [`train`] drives it to the end; a script can call
-/// [`Trainer::run_epoch`] itself to act between epochs.
+/// [`Trainer::run_epoch`] itself to act between epochs (`Trainer<'static>` with shared inputs).
 pub struct Trainer<'a> {
-    model: &'a PluginModel,
-    pipeline: &'a Pipeline,
-    train_set: &'a SliceSet,
-    valid_set: &'a SliceSet,
-    data: &'a Value,
-    config: &'a TrainConfig,
-    augment: Option<&'a LivePipeline>,
+    model: Held<'a, PluginModel>,
+    pipeline: Held<'a, Pipeline>,
+    train_set: Held<'a, SliceSet>,
+    valid_set: Held<'a, SliceSet>,
+    data: Value,
+    /// Its `loss` has the source text of any script loss filled in (see `losses::with_script_sources`).
+    config: TrainConfig,
+    augment: Option<Held<'a, LivePipeline>>,
     loss: Loss,
     optimizer: Optimizer,
     scheduler: Option<LrScheduler>,
@@ -293,6 +327,8 @@ pub struct Trainer<'a> {
     best: Option<(usize, f64)>,
     stopped_early: bool,
     resumed_from: usize,
+    /// The caller ended the run with [`Trainer::stop`].
+    stopped_by_caller: bool,
     last_checkpoint: Option<PathBuf>,
     progress: MultiProgress,
     epoch_bar: ProgressBar,
@@ -300,15 +336,19 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
+    /// Prepares a run: checks the data, builds loss, optimizer, scheduler and early stopping, resumes from a
+    /// checkpoint when `config.resume` asks, and writes the manifest.
     pub fn new(
-        model: &'a PluginModel,
-        pipeline: &'a Pipeline,
-        train_set: &'a SliceSet,
-        valid_set: &'a SliceSet,
-        data: &'a Value,
-        config: &'a TrainConfig,
-        augment: Option<&'a LivePipeline>,
+        model: impl Into<Held<'a, PluginModel>>,
+        pipeline: impl Into<Held<'a, Pipeline>>,
+        train_set: impl Into<Held<'a, SliceSet>>,
+        valid_set: impl Into<Held<'a, SliceSet>>,
+        data: Value,
+        mut config: TrainConfig,
+        augment: Option<Held<'a, LivePipeline>>,
     ) -> Result<Self> {
+        let (model, pipeline) = (model.into(), pipeline.into());
+        let (train_set, valid_set) = (train_set.into(), valid_set.into());
         if train_set.is_empty() || valid_set.is_empty() {
             bail!(
                 "training needs slices in both sets (train {}, valid {})",
@@ -318,6 +358,7 @@ impl<'a> Trainer<'a> {
         }
         std::fs::create_dir_all(&config.out_dir)
             .with_context(|| format!("creating {}", config.out_dir.display()))?;
+        config.loss = with_script_sources(&config.loss).context("training option `loss`")?;
         let loss = Loss::from_config(&config.loss).context("training option `loss`")?;
         config.precision.check(config.device)?;
         if config.channels_last {
@@ -374,12 +415,13 @@ impl<'a> Trainer<'a> {
             best: None,
             stopped_early: false,
             resumed_from: 0,
+            stopped_by_caller: false,
             last_checkpoint: None,
             progress,
             epoch_bar,
             started: Instant::now(),
         };
-        if config.resume {
+        if trainer.config.resume {
             trainer.resume(&mut scheduler)?;
         }
         trainer.scheduler = scheduler;
@@ -405,7 +447,7 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
             };
-            model_folder::load_weights(self.model, &dir.join(model_folder::WEIGHTS_FILE))?;
+            model_folder::load_weights(&self.model, &dir.join(model_folder::WEIGHTS_FILE))?;
             let tensors = Tensor::read_safetensors(dir.join(OPTIMIZER_FILE))
                 .with_context(|| format!("reading {}", dir.join(OPTIMIZER_FILE).display()))?;
             self.optimizer
@@ -438,17 +480,52 @@ impl<'a> Trainer<'a> {
         self.history.len() + 1
     }
 
+    /// All epochs ran, early stopping ended the run, or the caller stopped it.
     pub fn finished(&self) -> bool {
-        self.stopped_early || self.history.len() >= self.config.epochs
+        self.stopped_early || self.stopped_by_caller || self.history.len() >= self.config.epochs
+    }
+
+    /// Early stopping ended the run before `epochs`.
+    pub fn stopped_early(&self) -> bool {
+        self.stopped_early
     }
 
     pub fn history(&self) -> &[EpochRecord] {
         &self.history
     }
 
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Ends the run before `epochs` at the caller's request (a script's own stopping rule): no further epoch
+    /// runs, and the manifest gets its final timing. The best model folder and checkpoints stay as written.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.finished() {
+            return Ok(());
+        }
+        self.stopped_by_caller = true;
+        self.epoch_bar.finish_and_clear();
+        self.write_manifest(Some(self.started.elapsed().as_secs_f64()))
+    }
+
     /// Trains one epoch, validates, writes the metrics and checkpoints. Returns the epoch's record.
     pub fn run_epoch(&mut self) -> Result<EpochRecord> {
-        let config = self.config;
+        if self.finished() {
+            bail!(
+                "training is finished after {} epochs ({}); no further epoch runs",
+                self.history.len(),
+                if self.stopped_early {
+                    "early stopping"
+                } else if self.stopped_by_caller {
+                    "stopped by the caller"
+                } else {
+                    "all epochs ran"
+                }
+            );
+        }
+        // A copy, so the loop below can borrow the optimizer and scheduler mutably (a few small JSON values).
+        let config = self.config.clone();
         let epoch = self.next_epoch();
         let started = Instant::now();
         seed_epoch(config.seed, epoch);
@@ -471,7 +548,7 @@ impl<'a> Trainer<'a> {
         bar.set_prefix(format!("{epoch}/{}", config.epochs));
         let mut loss_sum = 0.0;
         for (batch_index, chunk) in order.chunks(batch_size).enumerate() {
-            let (mut images, mut labels) = match self.augment {
+            let (mut images, mut labels) = match &self.augment {
                 Some(live) => self.train_set.augmented_batch(
                     chunk,
                     &live.current(),
@@ -498,7 +575,7 @@ impl<'a> Trainer<'a> {
             self.optimizer.zero_grad()?;
             loss.backward();
             if let Some(max_norm) = config.gradient_clip {
-                clip_gradients(self.model, max_norm);
+                clip_gradients(&self.model, max_norm);
             }
             self.optimizer.step()?;
             if let Some(scheduler) = self.scheduler.as_mut() {
@@ -527,8 +604,8 @@ impl<'a> Trainer<'a> {
         }
         let train_loss = loss_sum / batches.max(1) as f64;
         let (valid_loss, valid_dice) = evaluate(
-            self.model,
-            self.valid_set,
+            &self.model,
+            &self.valid_set,
             &self.loss,
             batch_size,
             config.device,
@@ -561,9 +638,9 @@ impl<'a> Trainer<'a> {
             self.best = Some((epoch, valid_dice));
             model_folder::save(
                 &config.out_dir.join("model"),
-                self.model,
-                self.pipeline,
-                self.data,
+                &self.model,
+                &self.pipeline,
+                &self.data,
                 &self.training_metadata("best", epoch),
             )?;
         }
@@ -615,9 +692,9 @@ impl<'a> Trainer<'a> {
         }
         model_folder::save(
             &partial,
-            self.model,
-            self.pipeline,
-            self.data,
+            &self.model,
+            &self.pipeline,
+            &self.data,
             &self.training_metadata("last", epoch),
         )?;
         model_folder::write_safetensors_atomic(
@@ -699,10 +776,11 @@ impl<'a> Trainer<'a> {
                 "channels_last": self.config.channels_last,
             },
             "preprocess": self.pipeline.specs(),
-            "augment": self.augment.map(|live| live.current().specs()),
+            "augment": self.augment.as_ref().map(|live| live.current().specs()),
             "data": self.data,
             "slices": {"train": self.train_set.len(), "valid": self.valid_set.len()},
             "resumed_from_epoch": self.resumed_from,
+            "stopped_by_caller": self.stopped_by_caller,
             "epoch_seconds": self.history.iter().map(|r| r.seconds).collect::<Vec<_>>(),
             "total_seconds": total_seconds,
             "script": self.config.manifest,
@@ -728,6 +806,7 @@ impl<'a> Trainer<'a> {
                 .clone()
                 .unwrap_or_else(|| self.checkpoint_dir()),
             stopped_early: self.stopped_early,
+            stopped_by_caller: self.stopped_by_caller,
             resumed_from: self.resumed_from,
         })
     }
@@ -746,7 +825,15 @@ pub fn train(
     config: &TrainConfig,
     augment: Option<&LivePipeline>,
 ) -> Result<TrainReport> {
-    let mut trainer = Trainer::new(model, pipeline, train_set, valid_set, data, config, augment)?;
+    let mut trainer = Trainer::new(
+        model,
+        pipeline,
+        train_set,
+        valid_set,
+        data.clone(),
+        config.clone(),
+        augment.map(Held::from),
+    )?;
     while !trainer.finished() {
         trainer.run_epoch()?;
     }
