@@ -195,4 +195,24 @@ fn checkpoints_are_complete_folders_and_only_the_newest_two_are_kept() {
             .len()
             == 64
     );
+
+    // What a researcher reads: TensorBoard events whose every record passes its CRC checks (one file-version
+    // record, then 4 scalars and 1 QC image per epoch), the curves, and a QC grid per epoch.
+    let event_files: Vec<_> = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(event_files.len(), 1, "{event_files:?}");
+    let events = ivado_runtime::report::tensorboard::read_events(&event_files[0]).unwrap();
+    assert_eq!(events.len(), 1 + 6 * 5);
+    let dice_scalars = events
+        .iter()
+        .flat_map(|e| &e.values)
+        .filter(|v| v.tag == "Validation/Metrics/dice_score")
+        .count();
+    assert_eq!(dice_scalars, 6);
+    assert!(out.join("training_curves.png").is_file());
+    for epoch in 1..=6 {
+        assert!(out.join(format!("qc/epoch-{epoch:04}.png")).is_file());
+    }
 }

@@ -572,17 +572,35 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
     );
 
     // The images of the given subjects, e.g. `subset(dataset, ["sub-unf01", "sub-unf02"])` for a fixed split.
-    engine.register_fn("subset", |dataset: Dataset, subjects: Array| -> ScriptResult<Dataset> {
-        let subjects: Vec<String> = subjects
-            .into_iter()
-            .map(|s| s.into_string().map_err(|_| script_error(anyhow!("subset: subjects must be strings"))))
-            .collect::<ScriptResult<_>>()?;
-        if let Some(unknown) = subjects.iter().find(|s| !dataset.entries.iter().any(|e| &e.subject == *s)) {
-            return Err(script_error(anyhow!("subset: no image of subject `{unknown}` in the dataset")));
-        }
-        let entries: Vec<BidsEntry> = dataset.entries.iter().filter(|e| subjects.contains(&e.subject)).cloned().collect();
-        Ok(Dataset { entries: Rc::new(entries) })
-    });
+    engine.register_fn(
+        "subset",
+        |dataset: Dataset, subjects: Array| -> ScriptResult<Dataset> {
+            let subjects: Vec<String> = subjects
+                .into_iter()
+                .map(|s| {
+                    s.into_string()
+                        .map_err(|_| script_error(anyhow!("subset: subjects must be strings")))
+                })
+                .collect::<ScriptResult<_>>()?;
+            if let Some(unknown) = subjects
+                .iter()
+                .find(|s| !dataset.entries.iter().any(|e| &e.subject == *s))
+            {
+                return Err(script_error(anyhow!(
+                    "subset: no image of subject `{unknown}` in the dataset"
+                )));
+            }
+            let entries: Vec<BidsEntry> = dataset
+                .entries
+                .iter()
+                .filter(|e| subjects.contains(&e.subject))
+                .cloned()
+                .collect();
+            Ok(Dataset {
+                entries: Rc::new(entries),
+            })
+        },
+    );
 
     engine.register_fn("split", |dataset: Dataset, options: Map| -> ScriptResult<Map> {
         check_keys("split", &options, &["train_fraction", "test_fraction", "random_seed"])?;

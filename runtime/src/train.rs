@@ -15,6 +15,7 @@ use crate::optim::Optimizer;
 use crate::pipeline::{derive_seed, LivePipeline, Pipeline};
 use crate::plugin::PluginModel;
 use crate::precision::{autocast, channels_last, to_channels_last, Precision};
+use crate::report::run::{qc_grid, qc_indices, EpochScalars, RunOutputs, QC_SLICES};
 use crate::schedule::{Better, EarlyStopping, LrScheduler, StepUnit};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -102,7 +103,11 @@ pub struct EpochRecord {
     pub valid_loss: f64,
     pub valid_dice: f64,
     pub learning_rate: f64,
+    /// Wall time of the epoch's training and validation.
     pub seconds: f64,
+    /// Wall time of the training batches alone (loading, augmentation, steps, progress).
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -160,11 +165,19 @@ pub fn evaluate(
 }
 
 fn write_metrics(path: &Path, history: &[EpochRecord]) -> Result<()> {
-    let mut csv = String::from("epoch,train_loss,valid_loss,valid_dice,learning_rate,seconds\n");
+    let mut csv = String::from(
+        "epoch,train_loss,valid_loss,valid_dice,learning_rate,seconds,train_seconds\n",
+    );
     for r in history {
         csv.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{},{:.3}\n",
-            r.epoch, r.train_loss, r.valid_loss, r.valid_dice, r.learning_rate, r.seconds
+            "{},{:.6},{:.6},{:.6},{},{:.3},{:.3}\n",
+            r.epoch,
+            r.train_loss,
+            r.valid_loss,
+            r.valid_dice,
+            r.learning_rate,
+            r.seconds,
+            r.train_seconds
         ));
     }
     write_atomic(path, csv.as_bytes())
@@ -333,6 +346,9 @@ pub struct Trainer<'a> {
     progress: MultiProgress,
     epoch_bar: ProgressBar,
     started: Instant,
+    outputs: RunOutputs,
+    /// Validation slices shown in the QC grid every epoch.
+    qc_slices: Vec<i64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -399,6 +415,8 @@ impl<'a> Trainer<'a> {
                 .expect("valid template")
                 .progress_chars("=> "),
         );
+        let outputs = RunOutputs::create(&config.out_dir)?;
+        let qc_slices = qc_indices(&valid_set.positive(), QC_SLICES);
         let mut trainer = Self {
             model,
             pipeline,
@@ -420,6 +438,8 @@ impl<'a> Trainer<'a> {
             progress,
             epoch_bar,
             started: Instant::now(),
+            outputs,
+            qc_slices,
         };
         if trainer.config.resume {
             trainer.resume(&mut scheduler)?;
@@ -596,6 +616,7 @@ impl<'a> Trainer<'a> {
         }
         bar.finish_and_clear();
         self.progress.remove(&bar);
+        let train_seconds = started.elapsed().as_secs_f64();
         let learning_rate = self.optimizer.lr();
         if let Some(scheduler) = self.scheduler.as_mut() {
             if scheduler.unit() == StepUnit::Epoch {
@@ -619,6 +640,7 @@ impl<'a> Trainer<'a> {
             valid_dice,
             learning_rate,
             seconds: started.elapsed().as_secs_f64(),
+            train_seconds,
         };
         let improved = self.best.is_none_or(|(_, dice)| valid_dice > dice);
         if let Some(early) = self.early_stopping.as_mut() {
@@ -634,6 +656,7 @@ impl<'a> Trainer<'a> {
         });
         self.history.push(record.clone());
         write_metrics(&config.out_dir.join("metrics.csv"), &self.history)?;
+        self.write_outputs(&record)?;
         if improved {
             self.best = Some((epoch, valid_dice));
             model_folder::save(
@@ -661,6 +684,37 @@ impl<'a> Trainer<'a> {
             self.write_manifest(Some(self.started.elapsed().as_secs_f64()))?;
         }
         Ok(record)
+    }
+
+    /// TensorBoard scalars and QC images, the curves PNG and the QC grid of this epoch.
+    fn write_outputs(&mut self, record: &EpochRecord) -> Result<()> {
+        let qc = if self.qc_slices.is_empty() {
+            None
+        } else {
+            let (images, labels) = self.valid_set.batch(&self.qc_slices, self.config.device);
+            let predictions = tch::no_grad(|| {
+                autocast(self.config.precision, self.config.device, || {
+                    self.model.forward(&[&images], Mode::Eval)
+                })
+            })?
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+            Some(qc_grid(
+                &images.to_device(Device::Cpu),
+                &labels.to_device(Device::Cpu),
+                &predictions,
+            )?)
+        };
+        self.outputs.epoch(
+            &EpochScalars {
+                epoch: record.epoch,
+                train_loss: record.train_loss,
+                valid_loss: record.valid_loss,
+                valid_dice: record.valid_dice,
+                learning_rate: record.learning_rate,
+            },
+            qc.as_ref(),
+        )
     }
 
     fn training_metadata(&self, kind: &str, epoch: usize) -> Value {
