@@ -19,18 +19,25 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// Median seconds of `a` and of `b`, run alternately so both see the same machine load.
+/// Median seconds of `a` and of `b`, run alternately so both see the same machine load, and in alternating
+/// order (a-b, then b-a) so neither always runs right after the other.
 fn time_pair(steps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
     a(); // warm-up
     b();
     let (mut times_a, mut times_b) = (Vec::new(), Vec::new());
-    for _ in 0..steps {
+    let mut timed = |f: &mut dyn FnMut(), into: &mut Vec<f64>| {
         let started = Instant::now();
-        a();
-        times_a.push(started.elapsed().as_secs_f64());
-        let started = Instant::now();
-        b();
-        times_b.push(started.elapsed().as_secs_f64());
+        f();
+        into.push(started.elapsed().as_secs_f64());
+    };
+    for step in 0..steps {
+        if step % 2 == 0 {
+            timed(&mut a, &mut times_a);
+            timed(&mut b, &mut times_b);
+        } else {
+            timed(&mut b, &mut times_b);
+            timed(&mut a, &mut times_a);
+        }
     }
     (median(times_a), median(times_b))
 }
