@@ -25,7 +25,7 @@ fn time_pair(steps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f6
     a(); // warm-up
     b();
     let (mut times_a, mut times_b) = (Vec::new(), Vec::new());
-    let mut timed = |f: &mut dyn FnMut(), into: &mut Vec<f64>| {
+    let timed = |f: &mut dyn FnMut(), into: &mut Vec<f64>| {
         let started = Instant::now();
         f();
         into.push(started.elapsed().as_secs_f64());
