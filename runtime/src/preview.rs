@@ -15,6 +15,7 @@ use crate::bids::BidsEntry;
 use crate::data::{axial_samples, load_pair};
 use crate::pipeline::{derive_seed, Phase, Pipeline, Step, StepTransform, Steps};
 use crate::plugin::PluginRegistry;
+use crate::report::curves::{register_embedded_font, FONT_FAMILY};
 use crate::report::qc::{self, Plane, QcOptions};
 use crate::report::{write_png, RgbImage};
 use crate::volume::read_volume;
@@ -26,7 +27,6 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 /// Height of the strip of column titles above the tiles, in pixels.
@@ -39,10 +39,6 @@ pub const MAX_DRAWS: usize = 64;
 pub const ORIGINAL_TITLE: &str = "original";
 
 const TITLE_FONT_SIZE: f64 = 16.0;
-/// Registered under its own family name, so this module does not depend on another registering the font.
-const FONT_FAMILY: &str = "ivado-preview-sans";
-/// The same DejaVu Sans that `report::curves` embeds (Bitstream Vera licence, in `runtime/assets/`).
-static EMBEDDED_FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// What to preview.
 #[derive(Clone, Debug)]
@@ -316,22 +312,10 @@ pub fn render_tile(sample: &Sample, scale: usize) -> Result<RgbImage> {
     )
 }
 
-/// Registers the embedded font once; every later call reports the first outcome.
-fn register_font() -> Result<()> {
-    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, EMBEDDED_FONT)
-                .map_err(|_| "the embedded DejaVu Sans font failed to load".to_string())
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
 /// A white strip `width` x [`TITLE_HEIGHT`] with each title centred over its span `(left, width)` in
 /// pixels; titles too wide for their span are shortened with `…`.
 fn title_strip(titles: &[String], spans: &[(usize, usize)], width: usize) -> Result<RgbImage> {
-    register_font()?;
+    register_embedded_font()?;
     let mut buffer = vec![0u8; width * TITLE_HEIGHT * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buffer, (width as u32, TITLE_HEIGHT as u32))

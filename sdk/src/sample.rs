@@ -41,6 +41,25 @@ impl Sample {
             .ok_or_else(|| PluginError::new("sample metadata has no numeric `spacing` list"))
     }
 
+    /// The spacing, checked to have `rank` finite positive entries; errors start with `who`.
+    pub fn checked_spacing(&self, rank: usize, who: &str) -> Result<Vec<f64>> {
+        let spacing = self
+            .spacing()
+            .map_err(|e| PluginError(format!("{who}: {e}")))?;
+        if spacing.len() != rank {
+            return Err(PluginError(format!(
+                "{who}: the sample is {rank}D but its spacing {spacing:?} has {} entries",
+                spacing.len()
+            )));
+        }
+        if let Some(bad) = spacing.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(PluginError(format!(
+                "{who}: the sample's spacing {spacing:?} has a non-positive entry {bad}"
+            )));
+        }
+        Ok(spacing)
+    }
+
     pub fn set_spacing(&mut self, spacing: &[f64]) {
         self.meta
             .insert("spacing".into(), Value::from(spacing.to_vec()));

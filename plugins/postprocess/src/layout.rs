@@ -158,25 +158,6 @@ pub fn finite(config: &mut Config, key: &str, who: &str) -> Result<f64> {
     }
 }
 
-/// The sample's spacing (mm per spatial axis), checked to have `rank` positive entries.
-pub fn checked_spacing(sample: &Sample, rank: usize, who: &str) -> Result<Vec<f64>> {
-    let spacing = sample
-        .spacing()
-        .map_err(|e| PluginError(format!("{who}: {e}")))?;
-    if spacing.len() != rank {
-        return Err(PluginError(format!(
-            "{who}: the sample is {rank}D but its spacing {spacing:?} has {} entries",
-            spacing.len()
-        )));
-    }
-    if let Some(bad) = spacing.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        return Err(PluginError(format!(
-            "{who}: the sample's spacing {spacing:?} has a non-positive entry {bad}"
-        )));
-    }
-    Ok(spacing)
-}
-
 /// The undo record of every step: post-processing changes values only, nothing to undo.
 pub fn no_record() -> Value {
     Value::Null

@@ -2,8 +2,8 @@
 //! mask goes to the host, is labelled per class with `ivado_sdk::components`, and the kept voxels come back as
 //! a mask that multiplies the prediction on its device.
 use crate::layout::{
-    checked_spacing, finite, host_mask, keep_only, map_channels, mask_like, no_record, prediction,
-    Layout, PREDICTION,
+    finite, host_mask, keep_only, map_channels, mask_like, no_record, prediction, Layout,
+    PREDICTION,
 };
 use ivado_sdk::components::{label, label_slices, Connectivity, SliceConnectivity};
 use ivado_sdk::serde_json::{json, Value};
@@ -277,7 +277,8 @@ impl RemoveSmall {
         Ok(match self.unit {
             SizeUnit::Voxels => per_class,
             SizeUnit::CubicMillimetres => {
-                let voxel_volume: f64 = checked_spacing(sample, layout.rank, Self::NAME)?
+                let voxel_volume: f64 = sample
+                    .checked_spacing(layout.rank, Self::NAME)?
                     .iter()
                     .product();
                 per_class

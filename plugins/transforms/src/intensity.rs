@@ -10,7 +10,6 @@ use crate::geometry::is_float;
 use crate::random::{
     chance, non_negative_key, normal_field, probability_key, range_key, seeded, uniform, SeededRng,
 };
-use crate::warp::checked_spacing;
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
 use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
@@ -506,7 +505,7 @@ impl Transform for RandomBlur {
             return Ok(Value::Null);
         };
         let rank = image.dim().saturating_sub(1);
-        let spacing = checked_spacing(sample, rank, Self::NAME)?;
+        let spacing = sample.checked_spacing(rank, Self::NAME)?;
         let mut rng: SeededRng = seeded(seed);
         let out = map_channels(image, Self::NAME, |channel| {
             if !chance(&mut rng, self.p) {

@@ -30,30 +30,11 @@ pub fn sample_rank(sample: &Sample, who: &str) -> Result<usize> {
     }
 }
 
-/// The sample's spacing, checked to have `rank` positive entries.
-pub fn checked_spacing(sample: &Sample, rank: usize, who: &str) -> Result<Vec<f64>> {
-    let spacing = sample
-        .spacing()
-        .map_err(|e| PluginError(format!("{who}: {e}")))?;
-    if spacing.len() != rank {
-        return Err(PluginError(format!(
-            "{who}: the sample is {rank}D but its spacing {spacing:?} has {} entries",
-            spacing.len()
-        )));
-    }
-    if let Some(bad) = spacing.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        return Err(PluginError(format!(
-            "{who}: the sample's spacing {spacing:?} has a non-positive entry {bad}"
-        )));
-    }
-    Ok(spacing)
-}
-
 /// Rank, checked spacing and shared spatial shape of a sample.
 pub fn frame(sample: &Sample, who: &str) -> Result<Frame> {
     let rank = sample_rank(sample, who)?;
     let shape = spatial_shape(sample, rank, who)?;
-    let spacing = checked_spacing(sample, rank, who)?;
+    let spacing = sample.checked_spacing(rank, who)?;
     Ok(Frame {
         rank,
         spacing,
