@@ -2,7 +2,7 @@
 //! other, and 2D axial slices run through the preprocessing pipeline.
 use crate::bids::BidsEntry;
 use crate::pipeline::{derive_seed, Phase, Pipeline};
-use crate::volume::{read_volume, Volume};
+use crate::volume::{read_image, read_label, Volume};
 use anyhow::{bail, Context, Result};
 use ivado_sdk::Sample;
 use rand::seq::SliceRandom;
@@ -78,8 +78,10 @@ pub fn load_pair(entry: &BidsEntry) -> Result<(Volume, Volume)> {
         .label
         .as_ref()
         .with_context(|| format!("{}: no label found for this image", entry.image.display()))?;
-    let image = read_volume(&entry.image)?;
-    let label = read_volume(label_path)?;
+    // the label shares its image's geometry, so it takes the image's sidecar (microscopy pixel size)
+    let sidecar = entry.sidecar.as_deref();
+    let image = read_image(&entry.image, sidecar)?;
+    let label = read_label(label_path, sidecar)?;
     if image.data.size() != label.data.size() {
         bail!(
             "image {} has shape {:?} but its label {} has shape {:?}",
@@ -96,9 +98,12 @@ pub fn load_pair(entry: &BidsEntry) -> Result<(Volume, Volume)> {
         .zip(label.affine.iter().flatten())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
-    if worst > AFFINE_TOLERANCE_MM {
+    // microscopy pixels are ~1e-4 mm: the tolerance is also at most 1% of the smallest voxel
+    let smallest_voxel = image.spacing.iter().copied().fold(f64::INFINITY, f64::min);
+    let tolerance = AFFINE_TOLERANCE_MM.min(0.01 * smallest_voxel);
+    if worst > tolerance {
         bail!(
-            "image {} and its label {} have different affines (largest difference {worst:.4} mm): they do not overlay",
+            "image {} and its label {} have different affines (largest difference {worst:.3e} mm, tolerance {tolerance:.1e} mm): they do not overlay",
             entry.image.display(),
             label_path.display()
         );

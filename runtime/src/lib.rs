@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod infer;
 pub mod losses;
 pub mod metrics;
+pub mod microscopy;
 pub mod model_folder;
 pub mod optim;
 pub mod phantom;

@@ -1,9 +1,11 @@
-//! NIfTI-1 volumes in canonical (RAS+) voxel order.
+//! Images as volumes: NIfTI-1 in canonical (RAS+) voxel order, and 2D microscopy (PNG/TIFF).
 //!
-//! [`read_volume`] loads a `.nii` / `.nii.gz` file into an `f32` tensor and reorients it to the closest
+//! [`read_image`] is the one entry point: it dispatches on the extension. [`read_nifti`] loads a `.nii` /
+//! `.nii.gz` file of any integer, float or RGB datatype into an `f32` tensor and reorients it to the closest
 //! canonical orientation, exactly like nibabel's `as_closest_canonical` (the axis mapping follows
-//! nibabel's `io_orientation`). [`write_like`] undoes that reorientation and writes a prediction with the
-//! source file's geometry (dims, pixdim, qform/sform, units), atomically.
+//! nibabel's `io_orientation`); PNG/TIFF go through [`crate::microscopy`]. [`write_like`] undoes that
+//! reorientation and writes a prediction with the source file's geometry (dims, pixdim, qform/sform, units),
+//! atomically, as NIfTI or (for 2D sources) PNG.
 //!
 //! Nothing in here panics on bad input: every failure is an error whose message names the file.
 
@@ -293,16 +295,87 @@ pub enum OutputType {
     F32,
 }
 
+/// What to do with NaN or infinite voxels in a NIfTI file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// refuse the file, saying how many voxels are NaN and how many infinite (the default: such voxels
+    /// poison normalisation and every loss they touch)
+    #[default]
+    Error,
+    /// set them to 0 and log a warning with the counts
+    ReplaceWithZero,
+}
+
+/// Options of [`read_image_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions {
+    pub non_finite: NonFinitePolicy,
+}
+
+/// Reads any supported image into a [`Volume`], by extension (case-insensitive): `.nii` / `.nii.gz` (NIfTI-1,
+/// see [`read_nifti`]) or `.png` / `.tif` / `.tiff` (2D microscopy, see [`crate::microscopy`]).
+///
+/// `sidecar` is the image's JSON sidecar. Microscopy takes its pixel size from it; when `None`, the sidecars
+/// that apply by BIDS inheritance are looked up next to and above the image. A NIfTI's sidecar, when given,
+/// is only checked to be valid JSON. NaN/Inf voxels are an error (see [`read_image_with`] to replace them).
+pub fn read_image(path: &Path, sidecar: Option<&Path>) -> Result<Volume> {
+    read_image_with(path, sidecar, ReadOptions::default())
+}
+
+/// [`read_image`] with options.
+pub fn read_image_with(
+    path: &Path,
+    sidecar: Option<&Path>,
+    options: ReadOptions,
+) -> Result<Volume> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if crate::microscopy::is_microscopy(path) {
+        // 8/16-bit integer samples: never NaN or infinite
+        crate::microscopy::read_microscopy(path, sidecar)
+    } else if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        if let Some(sidecar) = sidecar {
+            crate::microscopy::read_sidecar(sidecar)
+                .with_context(|| format!("failed to read NIfTI file {}", path.display()))?;
+        }
+        read_nifti(path, options)
+    } else {
+        bail!(
+            "cannot read image {}: unsupported file extension (expected .nii, .nii.gz, .png, .tif or .tiff)",
+            path.display()
+        )
+    }
+}
+
+/// Reads a label (ground truth) with [`read_image`]. Microscopy labels, stored as 0/255 grey images, are
+/// binarized at half scale (`v / 255 >= 0.5`, like ivadomed); NIfTI labels keep their values.
+pub fn read_label(path: &Path, sidecar: Option<&Path>) -> Result<Volume> {
+    let mut volume = read_image(path, sidecar)?;
+    if crate::microscopy::is_microscopy(path) {
+        crate::microscopy::binarize_label(&mut volume)
+            .with_context(|| format!("failed to binarize label {}", path.display()))?;
+    }
+    Ok(volume)
+}
+
+/// [`read_image`] without an explicit sidecar: NIfTI, or microscopy with its BIDS-inherited sidecar.
+pub fn read_volume(path: &Path) -> Result<Volume> {
+    read_image(path, None)
+}
+
 /// Reads a NIfTI-1 file (`.nii` or `.nii.gz`; gzip is detected from the content) into canonical order.
 ///
-/// Any datatype among int8..uint64, float32 and float64 is converted to f32 after applying
-/// `scl_slope`/`scl_inter` (when the slope is finite and non-zero, like nibabel). A trailing singleton
-/// dimension (`dim[4] == 1`) is accepted; a real 4D volume, RGB, complex, header-only (`.hdr/.img`) and
-/// NIfTI-2 files are errors. The affine is the sform when `sform_code > 0`, else the qform when
-/// `qform_code > 0`, else nibabel's pixdim-scaled base affine (with its x flip); a degenerate sform or qform
-/// is skipped with a warning.
-pub fn read_volume(path: &Path) -> Result<Volume> {
-    match catch_unwind(AssertUnwindSafe(|| read_volume_inner(path))) {
+/// Every datatype among int8..uint64, float32 and float64 is converted to f32 after applying
+/// `scl_slope`/`scl_inter` (when the slope is finite and non-zero, like nibabel). RGB24 and RGBA32 become grey
+/// with the luma weights of [`crate::microscopy::GRAY_WEIGHTS`] (alpha dropped, no scaling, as the standard
+/// says). A trailing singleton dimension (`dim[4] == 1`) is accepted; a real 4D volume, complex, header-only
+/// (`.hdr/.img`) and NIfTI-2 files are errors, and so are NaN/Inf voxels unless `options` replaces them. The
+/// affine is the sform when `sform_code > 0`, else the qform when `qform_code > 0`, else nibabel's
+/// pixdim-scaled base affine (with its x flip); a degenerate sform or qform is skipped with a warning.
+pub fn read_nifti(path: &Path, options: ReadOptions) -> Result<Volume> {
+    match catch_unwind(AssertUnwindSafe(|| read_nifti_inner(path, options))) {
         Ok(result) => {
             result.with_context(|| format!("failed to read NIfTI file {}", path.display()))
         }
@@ -324,13 +397,34 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-fn read_volume_inner(path: &Path) -> Result<Volume> {
+/// Reads up to `n` bytes; returns what was read and the error that stopped it early, if any.
+fn read_up_to(reader: &mut dyn Read, n: usize) -> (Vec<u8>, Option<io::Error>) {
+    let mut out = Vec::new();
+    if out.try_reserve_exact(n).is_err() {
+        return (
+            out,
+            Some(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {n} bytes"),
+            )),
+        );
+    }
+    match reader.take(n as u64).read_to_end(&mut out) {
+        Ok(_) => (out, None),
+        Err(e) => (out, Some(e)),
+    }
+}
+
+fn read_nifti_inner(path: &Path, options: ReadOptions) -> Result<Volume> {
     let file = File::open(path).map_err(|e| anyhow!("cannot open: {e}"))?;
     let mut buffered = BufReader::with_capacity(1 << 16, file);
     let head = buffered
         .fill_buf()
         .map_err(|e| anyhow!("cannot read: {e}"))?;
     let gzipped = head.starts_with(&[0x1f, 0x8b]);
+    let named_gz = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().to_lowercase().ends_with(".gz"));
     let mut reader: Box<dyn Read> = if gzipped {
         Box::new(BufReader::with_capacity(
             1 << 16,
@@ -339,37 +433,68 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
     } else {
         Box::new(buffered)
     };
+    // what went wrong when the stream stopped early: a short file, or a gzip stream that does not decode
     let stream_error = |what: &str, e: io::Error| -> anyhow::Error {
-        if gzipped {
-            anyhow!("{what}: gzip stream is truncated or corrupt ({e})")
+        if gzipped && e.kind() != io::ErrorKind::UnexpectedEof {
+            anyhow!("corrupt gzip stream while {what}: {e}")
+        } else if gzipped {
+            anyhow!("file is truncated: the gzip stream ends early while {what} ({e})")
         } else if e.kind() == io::ErrorKind::UnexpectedEof {
-            anyhow!("{what}: file is truncated ({e})")
+            anyhow!("file is truncated while {what} ({e})")
         } else {
             anyhow!("{what}: {e}")
         }
     };
 
-    let header = match NiftiHeader::from_reader(&mut reader) {
+    let (raw_header, error) = read_up_to(&mut reader, NIFTI1_HEADER_SIZE as usize);
+    if let Some(e) = error {
+        return Err(stream_error("reading the 348-byte header", e));
+    }
+    let not_gz_note = if named_gz && !gzipped {
+        " (and it is not gzip-compressed although its name ends in .gz)"
+    } else {
+        ""
+    };
+    if raw_header.len() < 4 {
+        bail!(
+            "not a NIfTI-1 file: {} bytes, shorter than a 348-byte header{not_gz_note}",
+            raw_header.len()
+        );
+    }
+    let first4 = [raw_header[0], raw_header[1], raw_header[2], raw_header[3]];
+    let (sizeof_le, sizeof_be) = (i32::from_le_bytes(first4), i32::from_be_bytes(first4));
+    if sizeof_le == 540 || sizeof_be == 540 {
+        bail!("NIfTI-2 files are not supported (sizeof_hdr 540); convert to NIfTI-1");
+    }
+    if sizeof_le != NIFTI1_HEADER_SIZE as i32 && sizeof_be != NIFTI1_HEADER_SIZE as i32 {
+        bail!(
+            "not a NIfTI-1 file: sizeof_hdr is {sizeof_le} (expected 348), the file starts with {:?}{not_gz_note}",
+            String::from_utf8_lossy(&raw_header[..raw_header.len().min(16)])
+        );
+    }
+    if raw_header.len() < NIFTI1_HEADER_SIZE as usize {
+        bail!(
+            "file is truncated: {} bytes, shorter than a 348-byte NIfTI-1 header",
+            raw_header.len()
+        );
+    }
+    let magic = &raw_header[344..348];
+    if magic == MAGIC_PAIR {
+        bail!("header-only NIfTI (.hdr/.img pair) is not supported");
+    }
+    if magic != MAGIC_SINGLE_FILE {
+        bail!(
+            "not a single-file NIfTI-1 image: bad magic {:?} (expected \"n+1\\0\"; Analyze 7.5 is not supported)",
+            String::from_utf8_lossy(magic)
+        );
+    }
+    let header = match NiftiHeader::from_reader(io::Cursor::new(&raw_header)) {
         Ok(h) => h,
-        Err(NiftiError::Io(e)) if !gzipped && e.kind() == io::ErrorKind::UnexpectedEof => {
-            bail!("not a NIfTI-1 file: shorter than a 348-byte header")
-        }
-        Err(NiftiError::Io(e)) => return Err(stream_error("reading the header", e)),
         Err(NiftiError::InvalidFormat) => {
             bail!("not a NIfTI-1 file (bad magic; NIfTI-2 and Analyze files are not supported)")
         }
         Err(e) => bail!("invalid NIfTI-1 header: {e}"),
     };
-    if &header.magic == MAGIC_PAIR {
-        bail!("header-only NIfTI (.hdr/.img pair) is not supported");
-    }
-    if &header.magic != MAGIC_SINGLE_FILE || header.sizeof_hdr as u64 != NIFTI1_HEADER_SIZE {
-        bail!(
-            "not a single-file NIfTI-1 image (sizeof_hdr {}, magic {:?})",
-            header.sizeof_hdr,
-            header.magic
-        );
-    }
 
     let dims = header
         .dim()
@@ -377,7 +502,8 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
     let full_shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     if full_shape.iter().skip(3).any(|&d| d != 1) {
         bail!(
-            "{}D volume of shape {:?} is not supported (only 3D, or 4D with a trailing singleton dim)",
+            "{}D volume of shape {:?} where a 3D volume is expected (a 4th dimension of 1 is accepted; split \
+             the volumes or pick one)",
             full_shape.len(),
             full_shape
         );
@@ -391,12 +517,10 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
         .data_type()
         .map_err(|_| anyhow!("unsupported NIfTI datatype code {}", header.datatype))?;
     let elem_size = match datatype {
-        NiftiType::Rgb24 | NiftiType::Rgba32 => {
-            bail!("RGB NIfTI not supported: {}", path.display())
-        }
         NiftiType::Uint8 | NiftiType::Int8 => 1,
         NiftiType::Uint16 | NiftiType::Int16 => 2,
-        NiftiType::Uint32 | NiftiType::Int32 | NiftiType::Float32 => 4,
+        NiftiType::Rgb24 => 3,
+        NiftiType::Uint32 | NiftiType::Int32 | NiftiType::Float32 | NiftiType::Rgba32 => 4,
         NiftiType::Uint64 | NiftiType::Int64 | NiftiType::Float64 => 8,
         other => bail!(
             "unsupported NIfTI datatype {other:?} (code {})",
@@ -420,19 +544,27 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
     let nbytes = nvox
         .checked_mul(elem_size)
         .ok_or_else(|| anyhow!("volume of shape {full_shape:?} is too large"))?;
-    let mut raw = Vec::new();
-    raw.try_reserve_exact(nbytes).map_err(|_| {
-        anyhow!("cannot allocate {nbytes} bytes for a volume of shape {full_shape:?}")
-    })?;
-    reader
-        .by_ref()
-        .take(nbytes as u64)
-        .read_to_end(&mut raw)
-        .map_err(|e| stream_error("reading voxel data", e))?;
+    let (raw, error) = read_up_to(&mut reader, nbytes);
+    match error {
+        Some(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+            bail!("cannot allocate {nbytes} bytes for a volume of shape {full_shape:?}")
+        }
+        Some(e) if gzipped && e.kind() != io::ErrorKind::UnexpectedEof => bail!(
+            "corrupt gzip stream after {} of the {nbytes} bytes of voxel data: {e}",
+            raw.len()
+        ),
+        _ => {}
+    }
     if raw.len() != nbytes {
         bail!(
-            "file is truncated: expected {nbytes} bytes of voxel data for shape {full_shape:?} ({datatype:?}), found {}",
-            raw.len()
+            "file is truncated: expected {nbytes} bytes of voxel data for shape {full_shape:?} ({datatype:?}) \
+             after the {vox_offset}-byte header, found {}{}",
+            raw.len(),
+            if gzipped {
+                " (the gzip stream ends early)"
+            } else {
+                ""
+            }
         );
     }
     if gzipped {
@@ -441,7 +573,7 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
             .map_err(|e| stream_error("checking the gzip trailer", e))?;
     }
 
-    let values = decode_to_f32(
+    let mut values = decode_to_f32(
         &raw,
         datatype,
         header.endianness,
@@ -449,6 +581,7 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
         header.scl_inter,
     )?;
     drop(raw);
+    check_finite(&mut values, options.non_finite, path)?;
 
     let file_affine = best_affine(&header, file_shape, path);
     let reorientation =
@@ -473,6 +606,32 @@ fn read_volume_inner(path: &Path) -> Result<Volume> {
         header,
         path: path.to_path_buf(),
     })
+}
+
+/// Counts NaN and infinite values; an error by default, else they become 0 with a warning.
+fn check_finite(values: &mut [f32], policy: NonFinitePolicy, path: &Path) -> Result<()> {
+    let nan = values.iter().filter(|v| v.is_nan()).count();
+    let inf = values.iter().filter(|v| v.is_infinite()).count();
+    if nan + inf == 0 {
+        return Ok(());
+    }
+    let what = format!(
+        "{} of {} voxels are not finite ({nan} NaN, {inf} infinite)",
+        nan + inf,
+        values.len()
+    );
+    match policy {
+        NonFinitePolicy::Error => bail!(
+            "{what}; fix the file, or read it with the replace-with-zero policy for non-finite voxels"
+        ),
+        NonFinitePolicy::ReplaceWithZero => {
+            tracing::warn!(file = %path.display(), "{what}: replaced by 0");
+            for v in values.iter_mut().filter(|v| !v.is_finite()) {
+                *v = 0.0;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn column_norms(a: &Affine) -> [f64; 3] {
@@ -519,6 +678,14 @@ fn decode_to_f32(
                 .collect::<Vec<f32>>()
         }};
     }
+    // RGB(A) bytes are interleaved per voxel and never scaled (NIfTI-1: scl_* do not apply to RGB)
+    let rgb = |stride: usize| -> Vec<f32> {
+        raw.chunks_exact(stride)
+            .map(|px| {
+                crate::microscopy::rgb_to_gray(px[0] as f64, px[1] as f64, px[2] as f64) as f32
+            })
+            .collect()
+    };
 
     Ok(match datatype {
         NiftiType::Uint8 => decode!(u8),
@@ -531,6 +698,8 @@ fn decode_to_f32(
         NiftiType::Int64 => decode!(i64),
         NiftiType::Float32 => decode!(f32),
         NiftiType::Float64 => decode!(f64),
+        NiftiType::Rgb24 => rgb(3),
+        NiftiType::Rgba32 => rgb(4),
         other => bail!("unsupported NIfTI datatype {other:?}"),
     })
 }
@@ -641,7 +810,9 @@ fn base_affine(h: &NiftiHeader, file_shape: [usize; 3]) -> Affine {
 /// the reference's header (same dims, pixdim, qform/sform, xyzt_units; datatype/bitpix/scl fields are set for
 /// `datatype`, cal_min/cal_max are cleared since the display range of the source image does not fit a
 /// prediction), atomically (write to a temp file in the same dir, then rename). `datatype`: write uint8 for
-/// binary masks or float32 for soft maps. The path must end in `.nii` or `.nii.gz` (gzip-compressed).
+/// binary masks or float32 for soft maps. The path must end in `.nii` or `.nii.gz` (gzip-compressed), or in
+/// `.png` for a 2D (`[H, W, 1]`) reference such as a microscopy image: an 8-bit grey PNG of `round(255 * v)`
+/// for either `datatype`, so a binary mask is 0/255, like ivadomed's `pred_to_png`.
 pub fn write_like(
     reference: &Volume,
     canonical: &Tensor,
@@ -690,9 +861,18 @@ fn write_like_inner(
         ".nii.gz"
     } else if name.ends_with(".nii") {
         ".nii"
+    } else if name.to_lowercase().ends_with(".png") {
+        ".png"
     } else {
-        bail!("output file name must end in .nii or .nii.gz");
+        bail!("output file name must end in .nii, .nii.gz or .png");
     };
+    if ext == ".png" && reference.shape()[2] != 1 {
+        bail!(
+            "a PNG holds one 2D image, but the reference {} has shape {:?}",
+            reference.path.display(),
+            reference.shape()
+        );
+    }
 
     // canonical -> file order, then Fortran order (x fastest) = C order of [Z, Y, X]
     let file_order = reference
@@ -733,7 +913,13 @@ fn write_like_inner(
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
         ext
     ));
-    let result = write_nifti_file(&tmp, &header, shape, values, datatype).and_then(|()| {
+    let written = if ext == ".png" {
+        // [H, W, 1] in file order is [rows, columns]: the PNG's own layout
+        crate::microscopy::write_png(&file_order, &tmp)
+    } else {
+        write_nifti_file(&tmp, &header, shape, values, datatype)
+    };
+    let result = written.and_then(|()| {
         if !tmp.is_file() {
             bail!("the NIfTI writer did not create {}", tmp.display());
         }
@@ -1071,14 +1257,21 @@ mod tests {
         let err = read_volume(&truncated).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains(&truncated.display().to_string()), "{msg}");
-        assert!(msg.contains("truncated"), "{msg}");
+        // 131 x 141 x 16 float32 voxels
+        let expected = format!("expected {} bytes of voxel data", 131 * 141 * 16 * 4);
+        assert!(
+            msg.contains("truncated") && msg.contains(&expected),
+            "{msg}"
+        );
         eprintln!("truncated: {msg}");
 
         let text = dir.join("x.nii.gz");
         std::fs::write(&text, "this is not a NIfTI file\n".repeat(40)).unwrap();
         let msg = format!("{:#}", read_volume(&text).unwrap_err());
         assert!(
-            msg.contains(&text.display().to_string()) && msg.contains("not a NIfTI-1 file"),
+            msg.contains(&text.display().to_string())
+                && msg.contains("not a NIfTI-1 file: sizeof_hdr is")
+                && msg.contains("not gzip-compressed"),
             "{msg}"
         );
         eprintln!("text: {msg}");
@@ -1093,10 +1286,11 @@ mod tests {
         assert!(msg.contains(&missing.display().to_string()), "{msg}");
         eprintln!("missing: {msg}");
 
-        let rgb = PathBuf::from(format!("{TESTING}/rgb_test_file.nii.gz"));
-        let msg = format!("{:#}", read_volume(&rgb).unwrap_err());
+        let odd = dir.join("volume.mgz");
+        std::fs::write(&odd, "x").unwrap();
+        let msg = format!("{:#}", read_volume(&odd).unwrap_err());
         assert!(
-            msg.contains("RGB NIfTI not supported") && msg.contains(&rgb.display().to_string()),
+            msg.contains(&odd.display().to_string()) && msg.contains("unsupported file extension"),
             "{msg}"
         );
 
@@ -1109,7 +1303,10 @@ mod tests {
         let corrupt_path = dir.join("corrupt.nii.gz");
         std::fs::write(&corrupt_path, &corrupt).unwrap();
         let msg = format!("{:#}", read_volume(&corrupt_path).unwrap_err());
-        assert!(msg.contains(&corrupt_path.display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&corrupt_path.display().to_string()) && msg.contains("corrupt gzip"),
+            "{msg}"
+        );
         eprintln!("corrupt: {msg}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1287,5 +1484,229 @@ mod tests {
         assert_eq!(v, vec![10.5, 9.0, 160.0]);
         let v = decode_to_f32(&raw, NiftiType::Int16, Endianness::Big, 0.0, 10.0).unwrap();
         assert_eq!(v, vec![1.0, -2.0, 300.0]);
+    }
+
+    /// A NIfTI-1 file built byte by byte (little-endian, no sform/qform): an independent writer for tests.
+    fn nifti_bytes(
+        dims: &[u16],
+        datatype: i16,
+        bitpix: i16,
+        slope: f32,
+        inter: f32,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut h = vec![0u8; 352];
+        h[0..4].copy_from_slice(&348i32.to_le_bytes());
+        let mut dim = [1u16; 8];
+        dim[0] = dims.len() as u16;
+        dim[1..=dims.len()].copy_from_slice(dims);
+        for (i, d) in dim.iter().enumerate() {
+            h[40 + 2 * i..42 + 2 * i].copy_from_slice(&d.to_le_bytes());
+        }
+        h[70..72].copy_from_slice(&datatype.to_le_bytes());
+        h[72..74].copy_from_slice(&bitpix.to_le_bytes());
+        for i in 0..8 {
+            h[76 + 4 * i..80 + 4 * i].copy_from_slice(&1.0f32.to_le_bytes());
+        }
+        h[108..112].copy_from_slice(&352.0f32.to_le_bytes());
+        h[112..116].copy_from_slice(&slope.to_le_bytes());
+        h[116..120].copy_from_slice(&inter.to_le_bytes());
+        h[344..348].copy_from_slice(b"n+1\0");
+        h.extend_from_slice(data);
+        h
+    }
+
+    /// The values of a volume in the file's (Fortran) order, canonical orientation undone.
+    fn file_order_values(vol: &Volume) -> Vec<f32> {
+        let t = vol
+            .reorientation
+            .to_file(&vol.data)
+            .permute([2, 1, 0])
+            .contiguous();
+        Vec::<f32>::try_from(&t.view([-1])).unwrap()
+    }
+
+    #[test]
+    fn every_integer_and_float_datatype_with_scaling() {
+        let dir = temp_dir("datatypes");
+        // four voxels per type (2 x 2 x 1), slope 2 and intercept 3 applied: v * 2 + 3
+        macro_rules! case {
+            ($t:ty, $code:expr, $values:expr) => {{
+                let values: [$t; 4] = $values;
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let bits = (8 * std::mem::size_of::<$t>()) as i16;
+                let path = dir.join(format!("dt{}.nii", $code));
+                std::fs::write(
+                    &path,
+                    nifti_bytes(&[2, 2, 1], $code, bits, 2.0, 3.0, &bytes),
+                )
+                .unwrap();
+                let vol = read_image(&path, None).unwrap();
+                let expected: Vec<f32> = values
+                    .iter()
+                    .map(|&v| (v as f64 * 2.0 + 3.0) as f32)
+                    .collect();
+                assert_eq!(file_order_values(&vol), expected, "datatype {}", $code);
+            }};
+        }
+        case!(u8, 2, [0, 1, 200, 255]);
+        case!(i8, 256, [-128, -1, 0, 127]);
+        case!(i16, 4, [-32768, -2, 300, 32767]);
+        case!(u16, 512, [0, 1, 40000, 65535]);
+        case!(i32, 8, [i32::MIN, -7, 0, 1 << 20]);
+        case!(u32, 768, [0, 5, 1 << 24, 3_000_000_000]);
+        case!(i64, 1024, [-(1 << 40), -1, 0, 1 << 30]);
+        case!(u64, 1280, [0, 1, 1 << 33, 77]);
+        case!(f32, 16, [-1.5, 0.0, 2.25, 1e6]);
+        case!(f64, 64, [-1.5, 0.0, 2.25, 1e-3]);
+        // slope 0 means no scaling (nibabel)
+        let path = dir.join("noscale.nii");
+        std::fs::write(&path, nifti_bytes(&[2, 1, 1], 2, 8, 0.0, 3.0, &[7, 9])).unwrap();
+        assert_eq!(
+            file_order_values(&read_image(&path, None).unwrap()),
+            vec![7.0, 9.0]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rgb_nifti_becomes_luma_grey() {
+        // synthetic RGB24 and RGBA32 (interleaved per voxel; scaling ignored for RGB), then the real file
+        let dir = temp_dir("rgb");
+        let rgb = [200u8, 100, 50, 0, 0, 255];
+        let path = dir.join("rgb24.nii");
+        std::fs::write(&path, nifti_bytes(&[2, 1, 1], 128, 24, 2.0, 3.0, &rgb)).unwrap();
+        let got = file_order_values(&read_image(&path, None).unwrap());
+        // 0.299 * 200 + 0.587 * 100 + 0.114 * 50 = 124.2; 0.114 * 255 = 29.07
+        assert!(
+            (got[0] - 124.2).abs() < 1e-4 && (got[1] - 29.07).abs() < 1e-4,
+            "{got:?}"
+        );
+        let rgba = [200u8, 100, 50, 0, 0, 0, 255, 255];
+        let path = dir.join("rgba32.nii");
+        std::fs::write(&path, nifti_bytes(&[2, 1, 1], 2304, 32, 1.0, 0.0, &rgba)).unwrap();
+        let got = file_order_values(&read_image(&path, None).unwrap());
+        assert!(
+            (got[0] - 124.2).abs() < 1e-4 && (got[1] - 29.07).abs() < 1e-4,
+            "{got:?}"
+        );
+
+        let real = PathBuf::from(format!("{TESTING}/rgb_test_file.nii.gz"));
+        let vol = read_image(&real, None).unwrap();
+        let mut raw = Vec::new();
+        flate2::read::MultiGzDecoder::new(File::open(&real).unwrap())
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(i16::from_le_bytes([raw[70], raw[71]]), 128);
+        let dims: Vec<usize> = (0..4)
+            .map(|i| u16::from_le_bytes([raw[40 + 2 * i], raw[41 + 2 * i]]) as usize)
+            .collect();
+        assert_eq!(dims, vec![3, 10, 10, 4]);
+        let offset = f32::from_le_bytes([raw[108], raw[109], raw[110], raw[111]]) as usize;
+        assert_eq!(raw.len(), offset + 10 * 10 * 4 * 3);
+        let mut distinct_channels = 0;
+        for f in [
+            [0usize, 0, 0],
+            [3, 4, 1],
+            [9, 9, 3],
+            [5, 0, 2],
+            [7, 2, 0],
+            [1, 8, 3],
+        ] {
+            let k = offset + 3 * (f[0] + 10 * (f[1] + 10 * f[2]));
+            let (r, g, b) = (raw[k] as f64, raw[k + 1] as f64, raw[k + 2] as f64);
+            if r != g || g != b {
+                distinct_channels += 1;
+            }
+            let expected = 0.299 * r + 0.587 * g + 0.114 * b;
+            let got = at(&vol.data, vol.reorientation.canonical_index(f));
+            assert!(
+                (got - expected).abs() < 1e-4,
+                "voxel {f:?}: {got} vs {expected}"
+            );
+        }
+        eprintln!("rgb_test_file: {distinct_channels} of 6 checked voxels have distinct channels");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Voxel values decoded straight from the decompressed bytes at vox_offset (int16 / float32 / float64,
+    /// little-endian), with scl_slope / scl_inter applied when the slope is non-zero: `(dims, values)`.
+    fn raw_header_offset_read(path: &Path) -> (Vec<usize>, i16, Vec<f64>) {
+        let mut raw = Vec::new();
+        flate2::read::MultiGzDecoder::new(File::open(path).unwrap())
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]), 348);
+        let i16_at = |o: usize| i16::from_le_bytes([raw[o], raw[o + 1]]);
+        let f32_at = |o: usize| f32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+        let dims: Vec<usize> = (1..=3).map(|i| i16_at(40 + 2 * i) as usize).collect();
+        let datatype = i16_at(70);
+        let (offset, slope, inter) = (f32_at(108) as usize, f32_at(112), f32_at(116));
+        let n: usize = dims.iter().product();
+        let data = &raw[offset..];
+        let values: Vec<f64> = (0..n)
+            .map(|i| match datatype {
+                4 => i16::from_le_bytes([data[2 * i], data[2 * i + 1]]) as f64,
+                16 => f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap()) as f64,
+                64 => f64::from_le_bytes(data[8 * i..8 * i + 8].try_into().unwrap()),
+                other => panic!("datatype {other} not handled by this test"),
+            })
+            .map(|v| {
+                if slope != 0.0 && slope.is_finite() {
+                    v * slope as f64 + inter as f64
+                } else {
+                    v
+                }
+            })
+            .collect();
+        (dims, datatype, values)
+    }
+
+    #[test]
+    fn int16_and_float64_match_raw_header_offset_reads() {
+        let mut seen = std::collections::BTreeSet::new();
+        for sub in ["sub-unf02", "sub-unf03"] {
+            for contrast in ["T1w", "T2w", "T2star"] {
+                let path = PathBuf::from(format!("{TESTING}/{sub}/anat/{sub}_{contrast}.nii.gz"));
+                let (dims, datatype, expected) = raw_header_offset_read(&path);
+                seen.insert(datatype);
+                let vol = read_image(&path, None).unwrap();
+                assert_eq!(vol.reorientation.file_shape.to_vec(), dims);
+                let got = file_order_values(&vol);
+                assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    assert_eq!(*g, *e as f32, "{}", path.display());
+                }
+            }
+        }
+        assert!(seen.contains(&4) && seen.contains(&64), "{seen:?}");
+    }
+
+    #[test]
+    fn non_finite_voxels_are_counted() {
+        let dir = temp_dir("nan");
+        let values = [
+            1.0f32,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NAN,
+            f32::NEG_INFINITY,
+            2.0,
+        ];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let path = dir.join("nan.nii");
+        std::fs::write(&path, nifti_bytes(&[3, 2, 1], 16, 32, 1.0, 0.0, &bytes)).unwrap();
+        let msg = format!("{:#}", read_image(&path, None).unwrap_err());
+        assert!(
+            msg.contains(&path.display().to_string())
+                && msg.contains("4 of 6 voxels are not finite (2 NaN, 2 infinite)"),
+            "{msg}"
+        );
+        let options = ReadOptions {
+            non_finite: NonFinitePolicy::ReplaceWithZero,
+        };
+        let vol = read_image_with(&path, None, options).unwrap();
+        assert_eq!(file_order_values(&vol), vec![1.0, 0.0, 0.0, 0.0, 0.0, 2.0]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
