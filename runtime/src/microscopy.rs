@@ -186,8 +186,26 @@ pub fn decode_tiff(path: &Path) -> Result<GrayImage> {
         DecodingResult::U16(v) => v,
         _ => bail!("unsupported TIFF sample format"),
     };
-    if decoder.more_images() {
-        bail!("multi-page TIFF (an image stack) is not supported: expected one 2D image");
+    // further pages are fine when they are reduced-resolution copies (thumbnails) or masks, as editors write
+    let mut page = 1;
+    while decoder.more_images() {
+        if decoder.next_image().is_err() {
+            // an unreadable extra page does not change the first one
+            break;
+        }
+        let subfile = decoder
+            .find_tag_unsigned::<u32>(tiff::tags::Tag::NewSubfileType)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        // NewSubfileType bit 0: reduced-resolution copy, bit 2: transparency mask
+        if subfile & 0b101 == 0 {
+            bail!(
+                "multi-page TIFF (an image stack): page {} is a full image too, but one 2D image is expected",
+                page + 1
+            );
+        }
+        page += 1;
     }
     if samples.len() != width * height * channels {
         bail!(
@@ -820,6 +838,37 @@ mod tests {
         // and it reads back as the same binary label
         let back = crate::volume::read_label(&out, Some(&dir.join("img_SEM.json"))).unwrap();
         assert!(back.data.equal(&mask));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tiff_stack_is_refused_but_a_thumbnail_is_not() {
+        // the data set's TIFs carry a reduced-resolution second page (NewSubfileType 1) and load (see above);
+        // two full pages written here are a stack
+        use tiff::encoder::{colortype, TiffEncoder};
+        let dir = temp_dir("stack");
+        let path = dir.join("stack.tif");
+        let mut encoder = TiffEncoder::new(BufWriter::new(File::create(&path).unwrap())).unwrap();
+        for fill in [10u8, 20] {
+            encoder
+                .write_image::<colortype::Gray8>(3, 2, &[fill; 6])
+                .unwrap();
+        }
+        drop(encoder);
+        let msg = format!("{:#}", decode_tiff(&path).unwrap_err());
+        assert!(
+            msg.contains("multi-page TIFF") && msg.contains("page 2"),
+            "{msg}"
+        );
+        let single = dir.join("single.tif");
+        let mut encoder = TiffEncoder::new(BufWriter::new(File::create(&single).unwrap())).unwrap();
+        encoder
+            .write_image::<colortype::Gray16>(3, 2, &[0, 257, 514, 65535, 2570, 0])
+            .unwrap();
+        drop(encoder);
+        let image = decode_tiff(&single).unwrap();
+        assert_eq!((image.width, image.height), (3, 2));
+        assert_eq!(image.values, vec![0.0, 1.0, 2.0, 255.0, 10.0, 0.0]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
