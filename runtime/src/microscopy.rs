@@ -838,6 +838,15 @@ mod tests {
         // and it reads back as the same binary label
         let back = crate::volume::read_label(&out, Some(&dir.join("img_SEM.json"))).unwrap();
         assert!(back.data.equal(&mask));
+        // a NIfTI prediction of a microscopy source keeps the grid and the pixel size (0.5 um)
+        let nii = dir.join("img_SEM_pred.nii.gz");
+        crate::volume::write_like(&vol, &mask, &nii, crate::volume::OutputType::U8).unwrap();
+        let back = crate::volume::read_image(&nii, None).unwrap();
+        assert!(back.data.equal(&mask));
+        assert!(back.reorientation.is_identity());
+        for s in back.spacing {
+            assert!((s - 5e-4).abs() < 1e-10, "{:?}", back.spacing);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
