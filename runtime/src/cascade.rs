@@ -858,7 +858,7 @@ mod tests {
     fn volume_with(shape: [i64; 3], cuboids: &[([i64; 3], [i64; 3])]) -> Tensor {
         let volume = Tensor::zeros(shape, (Kind::Float, Device::Cpu));
         for (low, high) in cuboids {
-            volume
+            let _ = volume
                 .narrow(0, low[0], high[0] - low[0] + 1)
                 .narrow(1, low[1], high[1] - low[1] + 1)
                 .narrow(2, low[2], high[2] - low[2] + 1)

@@ -649,7 +649,7 @@ mod tests {
             .filter(|e| e.subject == "sub-unf03")
             .collect();
         record_test_split(&mut data, &entries);
-        assert_eq!(data["split"]["test"], json!(["sub-03"]));
+        assert_eq!(data["split"]["test"], json!(["sub-unf03"]));
         std::fs::write(dir.join("manifest.json"), json!({"data": data}).to_string()).unwrap();
         let images = recorded_test_images(&dir).unwrap();
         let canonical = |p: &Path| std::fs::canonicalize(p).unwrap();
