@@ -601,7 +601,7 @@ mod tests {
         );
         assert_eq!(bids_root_of(&image).unwrap(), PathBuf::from("/data/ds"));
         assert_eq!(
-            label_suffixes(&[image.clone()]).unwrap(),
+            label_suffixes(std::slice::from_ref(&image)).unwrap(),
             vec!["_seg-manual"]
         );
         let other = entry(
