@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_augment;
 pub mod bids;
+pub mod cascade;
 pub mod data;
 pub mod device;
 pub mod evaluate;
@@ -24,6 +25,7 @@ pub mod script;
 pub mod script_transform;
 pub mod stats;
 pub mod sweep;
+pub mod testing;
 pub mod tiling;
 pub mod torchscript;
 pub mod train;

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::script::{run_file_with_params, ScriptContext};
-use ivado_runtime::{bench, infer, model_folder, scaffold, sweep, torchscript, transfer};
+use ivado_runtime::{bench, cascade, infer, model_folder, scaffold, sweep, torchscript, transfer};
 use ivado_runtime::{bench_augment, preview};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -73,6 +73,9 @@ enum Command {
     /// Evaluate a folder of predictions against BIDS labels (ivadomed's evaluation_3Dmetrics.csv, summary,
     /// painted TP/FP/FN lesion maps) and optionally sweep the binarisation threshold.
     Evaluate(ivado_runtime::evaluate::EvaluateArgs),
+    /// Test a training run on its recorded test split (ivadomed's --test): predictions in pred_masks/,
+    /// ivadomed's evaluation CSV in results_eval/, QC overlays in test_qc/, and a summary.
+    Test(ivado_runtime::testing::TestArgs),
     /// Paired comparison of per-image test Dice of two runs or configurations (Wilcoxon, paired t-test).
     Compare {
         /// A run folder (with evaluation.csv) or a configuration folder (seed runs, averaged per image).
@@ -312,6 +315,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compare { a, b } => sweep::compare_command(&a, &b),
         Command::Evaluate(args) => ivado_runtime::evaluate::evaluate_command(&args),
+        Command::Test(args) => {
+            let registry = PluginRegistry::discover(&search);
+            ivado_runtime::testing::test_command(&args, &registry, device)
+        }
         Command::Segment {
             model,
             image,
@@ -320,8 +327,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let registry = PluginRegistry::discover(&search);
             let loaded = model_folder::load(&model, &registry, device)?;
-            let (source, soft) = infer::segment_volume(&loaded, &image, device, 16)?;
-            let soft = infer::postprocess(&loaded, &source, &soft)?;
+            // Through the detection stage when the folder records one (object-detection cascade).
+            let prediction = cascade::segment(
+                &loaded,
+                Some(model.as_path()),
+                &registry,
+                &image,
+                device,
+                16,
+            )?;
+            let (source, soft) = (prediction.source, prediction.soft);
             let written = infer::write_segmentation(&source, &soft, &output, threshold)
                 .with_context(|| format!("writing {}", output.display()))?;
             for path in written {

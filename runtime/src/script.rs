@@ -221,6 +221,8 @@ const TRAIN_OPTIONS: &[&str] = &[
     "keep_checkpoints",
     "precision",
     "channels_last",
+    "test",
+    "object_detection",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -319,6 +321,28 @@ fn prepare_training(
         precision: crate::precision::Precision::parse(&precision).map_err(script_error)?,
         channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
     };
+    // The object-detection cascade trains on crops around the detected structure (see cascade.rs).
+    let (train_set, valid_set, detection_stage) = match options.get("object_detection") {
+        Some(value) => {
+            let params = crate::cascade::ObjectDetection::from_json(&to_json(value)?)
+                .map_err(|e| script_error(e.context(function.to_owned())))?;
+            let crops = crate::cascade::prepare_training_crops(
+                &context.registry,
+                config.device,
+                &params,
+                &[&train_set.entries, &valid_set.entries],
+                &config.out_dir,
+            )
+            .map_err(script_error)?;
+            let [train, valid]: [Vec<BidsEntry>; 2] =
+                crops.sets.try_into().expect("two sets in, two out");
+            let dataset = |entries| Dataset {
+                entries: Rc::new(entries),
+            };
+            (dataset(train), dataset(valid), Some(crops.stage))
+        }
+        None => (train_set, valid_set, None),
+    };
     let train_slices =
         SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed)
             .map_err(script_error)?;
@@ -353,13 +377,20 @@ fn prepare_training(
         .chain(valid_set.entries.iter())
         .cloned()
         .collect();
-    let data = json!({
+    let mut data = json!({
         "slice_axis": "axial",
         "contrasts": contrasts,
         "seed": config.seed,
         "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
         "split": {"train": subjects(&train_set), "valid": subjects(&valid_set)},
     });
+    // `ivado test` / test_model read the held-out images from here.
+    if options.contains_key("test") {
+        crate::testing::record_test_split(&mut data, &dataset_option(&options, "test")?.entries);
+    }
+    if let Some(stage) = detection_stage {
+        data["object_detection"] = stage;
+    }
     Trainer::new(
         Rc::clone(&model.0),
         Rc::new(pipeline),
@@ -435,9 +466,17 @@ fn segment_to_file(
     out: &str,
 ) -> ScriptResult<String> {
     let device = context.device.get();
-    let (source, soft) =
-        infer::segment_volume(&model.0, Path::new(image), device, 16).map_err(script_error)?;
-    let soft = infer::postprocess(&model.0, &source, &soft).map_err(script_error)?;
+    // Through the detection stage when the model folder records one (object-detection cascade).
+    let prediction = crate::cascade::segment(
+        &model.0,
+        None,
+        &context.registry,
+        Path::new(image),
+        device,
+        16,
+    )
+    .map_err(script_error)?;
+    let (source, soft) = (prediction.source, prediction.soft);
     let written =
         infer::write_segmentation(&source, &soft, Path::new(out), 0.5).map_err(script_error)?;
     Ok(written[0].display().to_string())
@@ -879,6 +918,27 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             "segment",
             move |model_dir: &str, image: &str, out: &str| -> ScriptResult<String> {
                 segment_to_file(&context, &load_trained(&context, model_dir)?, image, out)
+            },
+        );
+    }
+
+    {
+        // ivadomed's --test on a finished run: its recorded test split segmented, evaluated and drawn.
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "test_model",
+            move |run_dir: &str, options: Map| -> ScriptResult<Map> {
+                let options = crate::testing::TestOptions::from_json(&to_json(&options.into())?)
+                    .map_err(script_error)?;
+                let report = crate::testing::test_run(
+                    Path::new(run_dir),
+                    &context.registry,
+                    context.device.get(),
+                    &options,
+                )
+                .map_err(script_error)?;
+                print!("{}", crate::testing::summary_text(&report));
+                Ok(crate::testing::report_map(&report))
             },
         );
     }
