@@ -31,6 +31,9 @@ pub struct BidsEntry {
     pub label: Option<PathBuf>,
     /// <image stem>.json next to the image
     pub sidecar: Option<PathBuf>,
+    /// metadata columns of ivadomed's table for this file (participants.tsv, samples.tsv, sessions.tsv,
+    /// scans.tsv, inherited JSON sidecars), values rendered as strings
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// What to index.
@@ -110,6 +113,7 @@ impl BidsIndex {
                         image,
                         label,
                         sidecar,
+                        metadata: Default::default(),
                     });
                 }
             }
