@@ -309,7 +309,7 @@ mod tests {
             image: PathBuf::from(format!("{subject}_{contrast}.nii.gz")),
             label: None,
             sidecar: None,
-            metadata: Default::default(),
+            ..Default::default()
         }
     }
 
