@@ -205,6 +205,98 @@ impl Default for BidsOptions {
 }
 
 impl BidsOptions {
+    /// The option keys `from_json` knows (the script `bids(path, #{...})` options).
+    pub const KEYS: &'static [&'static str] = &[
+        "target_suffix",
+        "roi_suffix",
+        "contrasts",
+        "training_validation",
+        "testing",
+        "extensions",
+        "subject_selection",
+        "balance",
+        "missing_label",
+        "write_index",
+        "random_seed",
+    ];
+
+    /// Options from a JSON object with the keys of `KEYS`: `target_suffix` (a string or a list; "" or [] for
+    /// no labels), `roi_suffix`, `contrasts` / `training_validation` / `testing` / `extensions` (lists, or one
+    /// string), `subject_selection` (`{n, metadata, value}`, a list of them, or ivadomed's form with equal-length
+    /// lists), `balance` (`{contrast: fraction}`), `missing_label` ("skip", "error" or "keep"), `write_index` (a
+    /// folder) and `random_seed`. Unknown keys and wrong types are errors naming the key.
+    pub fn from_json(value: &serde_json::Value) -> Result<BidsOptions> {
+        use serde_json::Value;
+        let Value::Object(map) = value else {
+            bail!("BIDS options must be an object, got {value}");
+        };
+        if let Some(unknown) = map.keys().find(|k| !Self::KEYS.contains(&k.as_str())) {
+            bail!(
+                "unknown option `{unknown}` (known: {})",
+                Self::KEYS.join(", ")
+            );
+        }
+        let strings = |key: &str, value: &Value| -> Result<Vec<String>> {
+            match value {
+                Value::String(s) if s.is_empty() => Ok(Vec::new()),
+                Value::String(s) => Ok(vec![s.clone()]),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|item| {
+                        item.as_str().map(str::to_owned).ok_or_else(|| {
+                            anyhow!("option `{key}` must be a list of strings, got {item} in it")
+                        })
+                    })
+                    .collect(),
+                other => bail!("option `{key}` must be a string or a list of strings, got {other}"),
+            }
+        };
+        let mut options = BidsOptions::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "target_suffix" => options.target_suffixes = strings(key, value)?,
+                "roi_suffix" => options.roi_suffix = strings(key, value)?.into_iter().next(),
+                "contrasts" => options.contrasts = strings(key, value)?,
+                "training_validation" => options.training_validation = strings(key, value)?,
+                "testing" => options.testing = strings(key, value)?,
+                "extensions" => options.extensions = strings(key, value)?,
+                "missing_label" => {
+                    let text = value.as_str().ok_or_else(|| {
+                        anyhow!("option `missing_label` must be a string, got {value}")
+                    })?;
+                    options.missing_label = MissingLabel::parse(text)?;
+                }
+                "write_index" => {
+                    let text = value.as_str().ok_or_else(|| {
+                        anyhow!("option `write_index` must be a folder path, got {value}")
+                    })?;
+                    options.write_index = Some(PathBuf::from(text));
+                }
+                "random_seed" => {
+                    options.seed = value.as_u64().ok_or_else(|| {
+                        anyhow!("option `random_seed` must be a non-negative integer, got {value}")
+                    })?
+                }
+                "balance" => {
+                    let Value::Object(fractions) = value else {
+                        bail!(
+                            "option `balance` must be a map of contrast to fraction, got {value}"
+                        );
+                    };
+                    for (contrast, fraction) in fractions {
+                        let fraction = fraction.as_f64().ok_or_else(|| {
+                            anyhow!("option `balance`: the fraction of {contrast} must be a number, got {fraction}")
+                        })?;
+                        options.balance.insert(contrast.clone(), fraction);
+                    }
+                }
+                "subject_selection" => options.subject_selection = subject_selection(value)?,
+                _ => unreachable!("keys were checked"),
+            }
+        }
+        Ok(options)
+    }
+
     /// The contrasts indexed: `contrasts` plus `training_validation` plus `testing`; empty: all.
     fn indexed_contrasts(&self) -> BTreeSet<String> {
         self.contrasts
@@ -456,6 +548,67 @@ impl BidsIndex {
         }
         self.entries.retain(|e| !dropped.contains(&e.image));
         Ok(())
+    }
+}
+
+/// `subject_selection` rules from `{n, metadata, value}`, a list of those, or ivadomed's
+/// `{n: [..], metadata: [..], value: [..]}`.
+fn subject_selection(value: &serde_json::Value) -> Result<Vec<SubjectSelection>> {
+    use serde_json::Value;
+    let rule_error = |detail: String| anyhow!("option `subject_selection`: {detail}");
+    match value {
+        Value::Array(rules) => rules.iter().try_fold(Vec::new(), |mut all, rule| {
+            all.extend(subject_selection(rule)?);
+            Ok(all)
+        }),
+        Value::Object(map) => {
+            if let Some(unknown) = map
+                .keys()
+                .find(|k| !["n", "metadata", "value"].contains(&k.as_str()))
+            {
+                return Err(rule_error(format!(
+                    "unknown key `{unknown}` (known: n, metadata, value)"
+                )));
+            }
+            let field = |name: &str| {
+                map.get(name)
+                    .ok_or_else(|| rule_error(format!("`{name}` is missing")))
+            };
+            let as_list = |v: &Value| match v {
+                Value::Array(items) => items.clone(),
+                other => vec![other.clone()],
+            };
+            let (ns, metadata, values) = (
+                as_list(field("n")?),
+                as_list(field("metadata")?),
+                as_list(field("value")?),
+            );
+            if ns.len() != metadata.len() || ns.len() != values.len() {
+                return Err(rule_error(
+                    "n, metadata and value lists must have the same length".into(),
+                ));
+            }
+            ns.iter()
+                .zip(&metadata)
+                .zip(&values)
+                .map(|((n, m), v)| {
+                    Ok(SubjectSelection {
+                        n: n.as_u64().ok_or_else(|| {
+                            rule_error(format!("`n` must be a non-negative integer, got {n}"))
+                        })? as usize,
+                        metadata: m
+                            .as_str()
+                            .ok_or_else(|| {
+                                rule_error(format!("`metadata` must be a column name, got {m}"))
+                            })?
+                            .to_owned(),
+                        value: render_json_cell(v)
+                            .ok_or_else(|| rule_error("`value` must not be null".into()))?,
+                    })
+                })
+                .collect()
+        }
+        other => Err(rule_error(format!("expected a map, got {other}"))),
     }
 }
 
