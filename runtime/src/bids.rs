@@ -437,7 +437,7 @@ impl BidsIndex {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut rows: Vec<Vec<String>> = Vec::new();
         for entry in &self.entries {
-            let mut row = vec![entry.image.display().to_string(), entry.filename()];
+            let mut row = vec![absolute(&entry.image), entry.filename()];
             row.extend(
                 self.columns
                     .iter()
@@ -449,7 +449,7 @@ impl BidsIndex {
             derivatives.sort();
             derivatives.dedup();
             for derivative in derivatives {
-                let mut row = vec![derivative.display().to_string(), file_name(derivative)];
+                let mut row = vec![absolute(derivative), file_name(derivative)];
                 row.resize(self.columns.len() + 2, String::new());
                 rows.push(row);
             }
@@ -1321,6 +1321,14 @@ fn push_csv_line<'a>(out: &mut String, fields: impl Iterator<Item = &'a str>) {
         }
     }
     out.push('\n');
+}
+
+/// The absolute form of `path` (as pybids lists files), without resolving links.
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 fn normalize_suffix(suffix: &str) -> String {
