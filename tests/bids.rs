@@ -199,7 +199,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 fn anat_index_matches_ivadomed_df_ref() {
     let root = shared_data("data-testing");
     let index = check_against_reference(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         BidsOptions {
             target_suffixes: strings(&["_lesion-manual"]),
             roi_suffix: Some("_seg-manual".into()),
@@ -232,7 +232,7 @@ fn anat_index_matches_ivadomed_df_ref() {
 fn microscopy_index_matches_ivadomed_df_ref() {
     let root = shared_data("data-testing/microscopy_png");
     let index = check_against_reference(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         BidsOptions {
             target_suffixes: strings(&["_seg-myelin-manual", "_seg-axon-manual"]),
             extensions: strings(&[".png"]),
@@ -276,7 +276,7 @@ fn multi_root_index_matches_ivadomed_df_ref_multi() {
 fn ct_index_matches_ivadomed_df_ref() {
     let root = shared_data("data-testing/ct_scan");
     let index = check_against_reference(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         BidsOptions {
             target_suffixes: strings(&["_seg-manual"]),
             extensions: strings(&[".nii.gz"]),
@@ -296,7 +296,7 @@ fn the_misnamed_sub_unf02_label_is_not_matched() {
     let root = shared_data("data_functional_testing");
     let misnamed = root.join("derivatives/labels/sub-unf02/anat/sub-unf01_T1w_seg-manual.nii.gz");
     let index = BidsIndex::build(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         &BidsOptions {
             contrasts: strings(&["T1w"]),
             ..BidsOptions::default()
@@ -316,7 +316,7 @@ fn the_misnamed_sub_unf02_label_is_not_matched() {
     };
     let msg = format!(
         "{:#}",
-        BidsIndex::build(&[root.clone()], &strict).unwrap_err()
+        BidsIndex::build(std::slice::from_ref(&root), &strict).unwrap_err()
     );
     assert!(
         msg.contains(
@@ -348,8 +348,8 @@ fn subject_selection_and_balance_are_deterministic_for_a_seed() {
     };
     let mut draws = BTreeSet::new();
     for seed in 0..6 {
-        let index = BidsIndex::build(&[root.clone()], &options(seed)).unwrap();
-        let again = BidsIndex::build(&[root.clone()], &options(seed)).unwrap();
+        let index = BidsIndex::build(std::slice::from_ref(&root), &options(seed)).unwrap();
+        let again = BidsIndex::build(std::slice::from_ref(&root), &options(seed)).unwrap();
         assert_eq!(index, again);
         assert_eq!(index.subjects().len(), 2);
         // 2 subjects: T2w 2 images; T1w balanced to k/2 <= 0.5, i.e. 1 image

@@ -909,7 +909,7 @@ impl Table {
     /// Merges `tsv`'s non-key columns (`columns`, in that order) into the rows `key_of` finds a TSV row for.
     fn merge(
         &mut self,
-        tsv_rows: &[(Vec<String>, BTreeMap<String, String>)],
+        tsv_rows: &[KeyedRow],
         columns: &[String],
         key_of: impl Fn(usize) -> Option<Vec<String>>,
     ) {
@@ -1092,6 +1092,9 @@ impl Sidecars {
     }
 }
 
+/// A TSV row: its key values, and its non-missing cells by column.
+type KeyedRow = (Vec<String>, BTreeMap<String, String>);
+
 /// A tab-separated table read as pandas does: missing values (`n/a`, empty, ...) are absent.
 struct Tsv {
     path: PathBuf,
@@ -1147,11 +1150,7 @@ impl Tsv {
 
     /// (key values, non-missing values of `columns`) per row; errors when a key column is absent or a key
     /// value is missing.
-    fn keyed_rows(
-        &self,
-        keys: &[&str],
-        columns: &[String],
-    ) -> Result<Vec<(Vec<String>, BTreeMap<String, String>)>> {
+    fn keyed_rows(&self, keys: &[&str], columns: &[String]) -> Result<Vec<KeyedRow>> {
         let position = |name: &str| self.header.iter().position(|h| h == name);
         let key_positions = keys
             .iter()
@@ -1945,7 +1944,7 @@ mod tests {
             write_index: Some(out.clone()),
             ..BidsOptions::default()
         };
-        let index = BidsIndex::build(&[root.clone()], &options).unwrap();
+        let index = BidsIndex::build(std::slice::from_ref(&root), &options).unwrap();
         let names: Vec<String> = index.entries.iter().map(BidsEntry::filename).collect();
         assert_eq!(
             names,
@@ -2066,7 +2065,7 @@ mod tests {
         };
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &options).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(
             msg.contains(&sidecar.display().to_string()) && msg.contains("line 3 column 3"),
@@ -2075,7 +2074,7 @@ mod tests {
         write(&root, "sub-a/anat/sub-a_T1w.json", "[1, 2]");
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &options).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(msg.contains("not an object"), "{msg}");
         write(&root, "sub-a/anat/sub-a_T1w.json", "{}");
@@ -2088,7 +2087,7 @@ mod tests {
         );
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &options).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(
             msg.contains(&participants.display().to_string()) && msg.contains("line 3"),
@@ -2097,7 +2096,7 @@ mod tests {
         write(&root, "participants.tsv", "subject\tsex\nsub-a\tF\n");
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &options).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(msg.contains("no `participant_id` column"), "{msg}");
         let _ = fs::remove_dir_all(&root);
@@ -2144,7 +2143,7 @@ mod tests {
             ..BidsOptions::default()
         };
         let (index, log) =
-            capture_warnings(|| BidsIndex::build(&[root.clone()], &options).unwrap());
+            capture_warnings(|| BidsIndex::build(std::slice::from_ref(&root), &options).unwrap());
         let labels = root.join("derivatives/labels");
         let a = &index.entries[0];
         assert_eq!(a.subject, "sub-a");
@@ -2193,7 +2192,7 @@ mod tests {
 
         // without the ROI's image for sub-a, sub-a is skipped (the ROI is required)
         fs::remove_file(labels.join("sub-a/anat/sub-a_T1w_roi.nii.gz")).unwrap();
-        let index = BidsIndex::build(&[root.clone()], &options).unwrap();
+        let index = BidsIndex::build(std::slice::from_ref(&root), &options).unwrap();
         assert_eq!(index.subjects(), ["sub-b"]);
 
         let strict = BidsOptions {
@@ -2202,7 +2201,7 @@ mod tests {
         };
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &strict).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &strict).unwrap_err()
         );
         assert!(
             msg.contains(
@@ -2218,7 +2217,7 @@ mod tests {
             ..options
         };
         assert_eq!(
-            BidsIndex::build(&[root.clone()], &keep)
+            BidsIndex::build(std::slice::from_ref(&root), &keep)
                 .unwrap()
                 .entries
                 .len(),
@@ -2256,7 +2255,7 @@ mod tests {
                 seed,
                 ..BidsOptions::default()
             };
-            BidsIndex::build(&[root.clone()], &options)
+            BidsIndex::build(std::slice::from_ref(&root), &options)
                 .unwrap()
                 .subjects()
         };
@@ -2286,7 +2285,7 @@ mod tests {
         };
         let msg = format!(
             "{:#}",
-            BidsIndex::build(&[root.clone()], &options).unwrap_err()
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(msg.contains("`nope`"), "{msg}");
         let _ = fs::remove_dir_all(&root);
@@ -2303,7 +2302,7 @@ mod tests {
                 seed,
                 ..BidsOptions::default()
             };
-            BidsIndex::build(&[root.clone()], &options)
+            BidsIndex::build(std::slice::from_ref(&root), &options)
                 .unwrap()
                 .entries
                 .iter()
@@ -2328,7 +2327,7 @@ mod tests {
             balance: BTreeMap::from([("T2w".to_owned(), 0.5)]),
             ..BidsOptions::default()
         };
-        let index = BidsIndex::build(&[root.clone()], &options).unwrap();
+        let index = BidsIndex::build(std::slice::from_ref(&root), &options).unwrap();
         assert_eq!(index.with_contrasts(&["T1w".into()]).len(), 6);
         assert_eq!(index.with_contrasts(&["T2w".into()]).len(), 2);
         assert_eq!(index.by_subject_session().len(), 6);
@@ -2336,7 +2335,7 @@ mod tests {
             balance: BTreeMap::from([("T2w".to_owned(), 1.5)]),
             ..options
         };
-        assert!(BidsIndex::build(&[root.clone()], &bad).is_err());
+        assert!(BidsIndex::build(std::slice::from_ref(&root), &bad).is_err());
         let _ = fs::remove_dir_all(&root);
     }
 }
