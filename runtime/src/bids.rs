@@ -1027,7 +1027,12 @@ impl Table {
 #[derive(Default)]
 struct Sidecars {
     parsed: HashMap<PathBuf, serde_json::Map<String, serde_json::Value>>,
+    /// per folder: its `.json` files with a parsable name, as (entities, suffix, path)
+    listed: HashMap<PathBuf, Vec<SidecarName>>,
 }
+
+/// A sidecar file's entities, suffix and path.
+type SidecarName = (Vec<(String, String)>, String, PathBuf);
 
 impl Sidecars {
     /// The sidecar metadata that applies to `image`: every `.json` from the root down to the image's folder
@@ -1045,25 +1050,14 @@ impl Sidecars {
         dirs.push(root.join(image.relative_dir()));
         let mut merged = BTreeMap::new();
         for dir in dirs {
-            let mut applicable: Vec<(usize, PathBuf)> = Vec::new();
-            for entry in
-                fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
-            {
-                let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(stem) = name.strip_suffix(".json") else {
-                    continue;
-                };
-                if name.starts_with('.') {
-                    continue;
-                }
-                let Some((pairs, suffix)) = parse_stem(stem) else {
-                    continue;
-                };
-                if suffix == image.suffix && pairs.iter().all(|p| image.pairs.contains(p)) {
-                    applicable.push((pairs.len(), entry.path()));
-                }
-            }
+            let mut applicable: Vec<(usize, PathBuf)> = self
+                .list(&dir)?
+                .iter()
+                .filter(|(pairs, suffix, _)| {
+                    *suffix == image.suffix && pairs.iter().all(|p| image.pairs.contains(p))
+                })
+                .map(|(pairs, _, path)| (pairs.len(), path.clone()))
+                .collect();
             applicable.sort();
             for (_, path) in applicable {
                 for (key, value) in self.read(&path)? {
@@ -1072,6 +1066,27 @@ impl Sidecars {
             }
         }
         Ok(merged)
+    }
+
+    fn list(&mut self, dir: &Path) -> Result<&[SidecarName]> {
+        if !self.listed.contains_key(dir) {
+            let mut names = Vec::new();
+            for entry in
+                fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
+            {
+                let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let Some((pairs, suffix)) = name.strip_suffix(".json").and_then(parse_stem) else {
+                    continue;
+                };
+                names.push((pairs, suffix, entry.path()));
+            }
+            self.listed.insert(dir.to_path_buf(), names);
+        }
+        Ok(&self.listed[dir])
     }
 
     fn read(&mut self, path: &Path) -> Result<&serde_json::Map<String, serde_json::Value>> {
