@@ -314,6 +314,7 @@ mod tests {
             image: PathBuf::from(format!("{subject}_{contrast}.nii.gz")),
             label: None,
             sidecar: None,
+            ..Default::default()
         }
     }
 

@@ -463,6 +463,7 @@ pub fn preview_transforms(
                 image: options.image.clone(),
                 label: Some(label.clone()),
                 sidecar: None,
+                ..Default::default()
             };
             let (image, label) = load_pair(&entry)?;
             (image, Some(label))

@@ -3,7 +3,7 @@
 //!
 //! Errors from a primitive become Rhai runtime errors at the calling line, and [`run_file`] reports every
 //! error as `file:line:col: message`.
-use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
+use crate::bids::{BidsEntry, BidsIndex, BidsOptions};
 use crate::data::{split_by_subject, SliceSet};
 use crate::losses::ScriptLoss;
 use crate::model_folder;
@@ -578,30 +578,40 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         },
     );
 
+    // `bids(path, #{...})`: `path` is one dataset root or a list of roots; the options are ivadomed's
+    // loader_parameters (see `BidsOptions::from_json`). The dataset keeps the images that have a label.
     engine.register_fn(
         "bids",
-        |path: &str, options: Map| -> ScriptResult<Dataset> {
-            check_keys("bids", &options, &["target_suffix", "contrasts"])?;
-            let target_suffix = option(&options, "target_suffix", "_seg-manual".to_owned(), text)?;
-            let contrasts: Option<Vec<String>> = match options.get("contrasts") {
-                None => None,
-                Some(value) => Some(value.clone().into_typed_array::<String>().map_err(|_| {
-                    script_error(anyhow!("option `contrasts` must be a list of strings"))
-                })?),
+        |path: Dynamic, options: Map| -> ScriptResult<Dataset> {
+            check_keys("bids", &options, BidsOptions::KEYS)?;
+            let roots: Vec<PathBuf> = match path.clone().into_typed_array::<String>() {
+                Ok(roots) => roots.into_iter().map(PathBuf::from).collect(),
+                Err(_) => vec![PathBuf::from(path.into_string().map_err(|_| {
+                    script_error(anyhow!(
+                        "bids: the path must be a string or a list of strings"
+                    ))
+                })?)],
             };
-            let query = BidsQuery {
-                target_suffix: &target_suffix,
-                contrasts: contrasts.as_deref(),
-            };
-            let index = BidsIndex::scan(Path::new(path), &query).map_err(script_error)?;
+            let json = to_json(&Dynamic::from_map(options))?;
+            let options =
+                BidsOptions::from_json(&json).map_err(|e| script_error(e.context("bids")))?;
+            let index = BidsIndex::build(&roots, &options).map_err(script_error)?;
+            let labelled = |e: &BidsEntry| e.targets.iter().any(Option::is_some);
             let entries: Vec<BidsEntry> = index
                 .entries
                 .into_iter()
-                .filter(|e| e.label.is_some())
+                .filter(|e| {
+                    options.target_suffixes.is_empty()
+                        || labelled(e)
+                        || options.missing_label == crate::bids::MissingLabel::Keep
+                })
                 .collect();
             if entries.is_empty() {
+                let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
                 return Err(script_error(anyhow!(
-                    "{path}: no image has a `{target_suffix}` label"
+                    "{}: no image selected (labels {:?})",
+                    roots.join(", "),
+                    options.target_suffixes
                 )));
             }
             Ok(Dataset {
