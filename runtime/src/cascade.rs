@@ -807,7 +807,8 @@ pub fn prepare_training_crops(
             write_like(&crop, &crop.data, &image_path, OutputType::F32)?;
             let mut new_entry = entry.clone();
             new_entry.image = image_path;
-            if let Some(label_path) = &entry.label {
+            // Every label of the image (all targets and the ROI) is cropped to the same box.
+            let crop_label = |label_path: &PathBuf| -> Result<PathBuf> {
                 let label = read_volume(label_path)?;
                 crate::evaluate::check_alignment(&source, &label).with_context(|| {
                     format!(
@@ -819,8 +820,21 @@ pub fn prepare_training_crops(
                 let label_crop = crop_volume(&label, &bbox)?;
                 let path = labels.join(file_name(label_path));
                 write_like(&label_crop, &label_crop.data, &path, OutputType::F32)?;
-                new_entry.label = Some(path);
-            }
+                Ok(path)
+            };
+            new_entry.label = entry.label.as_ref().map(&crop_label).transpose()?;
+            new_entry.targets = entry
+                .targets
+                .iter()
+                .map(|target| match (target, &entry.label, &new_entry.label) {
+                    (Some(t), Some(first), Some(cropped)) if t == first => {
+                        Ok(Some(cropped.clone()))
+                    }
+                    (Some(t), _, _) => crop_label(t).map(Some),
+                    (None, _, _) => Ok(None),
+                })
+                .collect::<Result<_>>()?;
+            new_entry.roi = entry.roi.as_ref().map(&crop_label).transpose()?;
             cropped.push(new_entry);
         }
         out_sets.push(cropped);
