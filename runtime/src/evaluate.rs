@@ -36,7 +36,7 @@ use crate::metrics::{
 };
 use crate::model_folder::write_atomic;
 use crate::report::{curves, write_png, RgbImage};
-use crate::volume::{read_volume, write_like, Affine, OutputType, Volume};
+use crate::volume::{read_label, read_volume, write_like, Affine, OutputType, Volume};
 use ivado_sdk::components::Connectivity;
 
 /// ivadomed's per-image metrics file name.
@@ -987,7 +987,7 @@ fn read_labels(match_: &LabelMatch, predictions: &[Volume]) -> Result<Vec<Tensor
         .zip(predictions)
         .map(|(label, prediction)| match label {
             Some(path) => {
-                let label = read_volume(path)?;
+                let label = read_label(path, None)?;
                 check_alignment(prediction, &label)?;
                 Ok(label.data)
             }
@@ -1525,7 +1525,7 @@ pub fn evaluate_pair(
     options: &MetricsOptions,
 ) -> Result<BTreeMap<String, f64>> {
     let prediction = read_volume(prediction)?;
-    let label = read_volume(label)?;
+    let label = read_label(label, None)?;
     check_alignment(&prediction, &label)?;
     metrics::image_metrics(&prediction.data, &label.data, prediction.spacing, options)
 }

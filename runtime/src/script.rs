@@ -121,6 +121,40 @@ fn entry_map(entry: &BidsEntry) -> Map {
             .map(|l| Dynamic::from(l.display().to_string()))
             .unwrap_or(Dynamic::UNIT),
     );
+    let optional =
+        |value: &Option<String>| value.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT);
+    map.insert("session".into(), optional(&entry.session));
+    map.insert("sample".into(), optional(&entry.sample));
+    map.insert(
+        "targets".into(),
+        entry
+            .targets
+            .iter()
+            .map(|t| {
+                t.as_ref()
+                    .map(|p| Dynamic::from(p.display().to_string()))
+                    .unwrap_or(Dynamic::UNIT)
+            })
+            .collect::<Array>()
+            .into(),
+    );
+    map.insert(
+        "roi".into(),
+        entry
+            .roi
+            .as_ref()
+            .map(|p| Dynamic::from(p.display().to_string()))
+            .unwrap_or(Dynamic::UNIT),
+    );
+    map.insert(
+        "metadata".into(),
+        entry
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), Dynamic::from(v.clone())))
+            .collect::<Map>()
+            .into(),
+    );
     map
 }
 
