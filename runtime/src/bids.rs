@@ -31,6 +31,12 @@ pub struct BidsEntry {
     pub label: Option<PathBuf>,
     /// <image stem>.json next to the image
     pub sidecar: Option<PathBuf>,
+    /// participants/samples/sessions/scans tsv columns and sidecar fields merged, as text
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// one label path per requested target suffix (None where that suffix has no file)
+    pub targets: Vec<Option<PathBuf>>,
+    /// ROI mask (roi_params.suffix) when requested and found
+    pub roi: Option<PathBuf>,
 }
 
 /// What to index.
@@ -110,6 +116,9 @@ impl BidsIndex {
                         image,
                         label,
                         sidecar,
+                        metadata: Default::default(),
+                        targets: Vec::new(),
+                        roi: None,
                     });
                 }
             }

@@ -463,6 +463,9 @@ pub fn preview_transforms(
                 image: options.image.clone(),
                 label: Some(label.clone()),
                 sidecar: None,
+                metadata: Default::default(),
+                targets: Vec::new(),
+                roi: None,
             };
             let (image, label) = load_pair(&entry)?;
             (image, Some(label))
