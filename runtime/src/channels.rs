@@ -221,11 +221,11 @@ pub fn assemble(
         };
         channels.push(tensor);
     }
-    let Some((grid, _)) = shape.clone() else {
+    let Some(reference) = channels.iter().flatten().next() else {
         bail!("{name}: no image was loaded");
     };
-    let reference = channels.iter().flatten().next().map(|t| t.device());
-    let options = (Kind::Float, reference.unwrap_or(tch::Device::Cpu));
+    let grid = reference.size();
+    let options = (Kind::Float, reference.device());
     let input_channels: Vec<Tensor> = channels
         .iter()
         .map(|c| match c {

@@ -270,6 +270,11 @@ pub fn split_by_subject(
     test_fraction: f64,
     seed: u64,
 ) -> Result<Split> {
+    ensure!(
+        valid_fraction > 0.0 && valid_fraction + test_fraction < 1.0,
+        "valid_fraction {valid_fraction} + test_fraction {test_fraction} must be in (0, 1): \
+         validation needs a share and training what is left"
+    );
     split_dataset(
         entries,
         &SplitParams {
@@ -797,6 +802,9 @@ mod tests {
         let error = split_by_subject(two, 0.5, 0.5, 0)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("leaves nothing for validation"), "{error}");
+        assert!(
+            error.contains("valid_fraction 0.5 + test_fraction 0.5"),
+            "{error}"
+        );
     }
 }
