@@ -358,22 +358,18 @@ impl MriParams {
             })
         };
         let number = |key: &str| -> Result<f64> {
-            let text = raw(key)
-                .with_context(|| format!("{} has no {key}", entry.image.display()))?;
+            let text =
+                raw(key).with_context(|| format!("{} has no {key}", entry.image.display()))?;
             mean_of(&text).with_context(|| {
-                format!(
-                    "{}: {key} {text:?} is not a number",
-                    entry.image.display()
-                )
+                format!("{}: {key} {text:?} is not a number", entry.image.display())
             })
         };
         Ok(MriParams {
             flip_angle: number("FlipAngle")?,
             repetition_time: number("RepetitionTime")?,
             echo_time: number("EchoTime")?,
-            manufacturer: raw("Manufacturer").with_context(|| {
-                format!("{} has no Manufacturer", entry.image.display())
-            })?,
+            manufacturer: raw("Manufacturer")
+                .with_context(|| format!("{} has no Manufacturer", entry.image.display()))?,
         })
     }
 }
@@ -601,19 +597,22 @@ mod tests {
             ("sub-01_T2w.nii.gz", filled(2.0)),
             ("seg", filled(1.0)),
         ]);
-        for (order, expected) in [
-            (["T1w", "T2w"], [1.0, 2.0]),
-            (["T2w", "T1w"], [2.0, 1.0]),
-        ] {
+        for (order, expected) in [(["T1w", "T2w"], [1.0, 2.0]), (["T2w", "T1w"], [2.0, 1.0])] {
             let p = params(&order, &["_seg-manual"], MissingContrast::Error);
             let s = sample(assemble(&p, &group, &mut load).unwrap());
             assert_eq!(s.input.size(), [2, 2, 3, 1]);
             assert_eq!(channel_means(&s.input), expected);
-            assert_eq!(Vec::<f32>::try_from(&s.missing_modalities).unwrap(), [0.0, 0.0]);
+            assert_eq!(
+                Vec::<f32>::try_from(&s.missing_modalities).unwrap(),
+                [0.0, 0.0]
+            );
             // The T2w entry carries the target whatever the channel order.
             assert_eq!(channel_means(s.target.as_ref().unwrap()), [1.0]);
             assert_eq!(
-                s.entries.iter().map(|e| e.as_ref().unwrap().contrast.clone()).collect::<Vec<_>>(),
+                s.entries
+                    .iter()
+                    .map(|e| e.as_ref().unwrap().contrast.clone())
+                    .collect::<Vec<_>>(),
                 order
             );
         }
@@ -626,14 +625,27 @@ mod tests {
         let mut load = loader(&[("sub-02_T1w.nii.gz", filled(3.0)), ("seg", filled(1.0))]);
         let contrasts = ["T1w", "T2w"];
 
-        let error = assemble(&params(&contrasts, &["_seg"], MissingContrast::Error), &group, &mut load)
-            .unwrap_err()
-            .to_string();
+        let error = assemble(
+            &params(&contrasts, &["_seg"], MissingContrast::Error),
+            &group,
+            &mut load,
+        )
+        .unwrap_err()
+        .to_string();
         assert_eq!(error, "sub-02 has no T2w image");
 
-        match assemble(&params(&contrasts, &["_seg"], MissingContrast::Skip), &group, &mut load).unwrap() {
+        match assemble(
+            &params(&contrasts, &["_seg"], MissingContrast::Skip),
+            &group,
+            &mut load,
+        )
+        .unwrap()
+        {
             Assembled::Skipped { subject, reason } => {
-                assert_eq!((subject.as_str(), reason.as_str()), ("sub-02", "no T2w image"))
+                assert_eq!(
+                    (subject.as_str(), reason.as_str()),
+                    ("sub-02", "no T2w image")
+                )
             }
             Assembled::Sample(_) => panic!("a subject without T2w must be skipped"),
         }
@@ -641,7 +653,10 @@ mod tests {
         let hemis = params(&contrasts, &["_seg"], MissingContrast::ZeroChannel);
         let s = sample(assemble(&hemis, &group, &mut load).unwrap());
         assert_eq!(channel_means(&s.input), [3.0, 0.0]);
-        assert_eq!(Vec::<f32>::try_from(&s.missing_modalities).unwrap(), [0.0, 1.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(&s.missing_modalities).unwrap(),
+            [0.0, 1.0]
+        );
         assert!(s.entries[1].is_none());
         assert_eq!(s.warnings, ["sub-02: no T2w image, zero channel"]);
 
@@ -662,7 +677,11 @@ mod tests {
             ("cord", vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
             ("csf", vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]),
         ]);
-        let p = params(&["T2w"], &["_cord", "_lesion", "_csf"], MissingContrast::Error);
+        let p = params(
+            &["T2w"],
+            &["_cord", "_lesion", "_csf"],
+            MissingContrast::Error,
+        );
         let s = sample(assemble(&p, &group, &mut load).unwrap());
         let target = s.target.unwrap();
         assert_eq!(target.size(), [3, 2, 3, 1]);
@@ -670,7 +689,10 @@ mod tests {
         let sums: Vec<f32> =
             Vec::try_from(target.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)).unwrap();
         assert_eq!(sums, [1.0, 0.0, 2.0]);
-        assert_eq!(s.warnings, ["sub-03: no _lesion target, zeros for that class"]);
+        assert_eq!(
+            s.warnings,
+            ["sub-03: no _lesion target, zeros for that class"]
+        );
 
         let none = [entry("sub-04", "T2w", &[None, None, None])];
         let group: Vec<&BidsEntry> = none.iter().collect();
@@ -685,7 +707,10 @@ mod tests {
         let entries = [entry("sub-05", "T2w", &[Some("soft")])];
         let group: Vec<&BidsEntry> = entries.iter().collect();
         let soft_values = vec![0.0, 0.3, 0.49, 0.5, 0.8, 1.0];
-        let mut load = loader(&[("sub-05_T2w.nii.gz", filled(1.0)), ("soft", soft_values.clone())]);
+        let mut load = loader(&[
+            ("sub-05_T2w.nii.gz", filled(1.0)),
+            ("soft", soft_values.clone()),
+        ]);
         let mut p = params(&["T2w"], &["_soft"], MissingContrast::Error);
         let hard = sample(assemble(&p, &group, &mut load).unwrap());
         let hard: Vec<f32> = Vec::try_from(hard.target.unwrap().flatten(0, -1)).unwrap();
@@ -703,17 +728,29 @@ mod tests {
         let entries = [entry("sub-06", "T1w", &[]), t2];
         let group: Vec<&BidsEntry> = entries.iter().collect();
         let mut load = |path: &Path| -> Result<Tensor> {
-            let shape = if path == Path::new("big") { [2, 3, 2] } else { [2, 3, 1] };
+            let shape = if path == Path::new("big") {
+                [2, 3, 2]
+            } else {
+                [2, 3, 1]
+            };
             Ok(Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)))
         };
-        let error = assemble(&params(&["T1w", "T2w"], &[], MissingContrast::Error), &group, &mut load)
-            .unwrap_err()
-            .to_string();
+        let error = assemble(
+            &params(&["T1w", "T2w"], &[], MissingContrast::Error),
+            &group,
+            &mut load,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("T2w image has shape [2, 3, 2]"), "{error}");
 
         let mut later = entry("sub-06", "T1w", &[]);
         later.session = Some("ses-02".into());
-        let entries = [entry("sub-06", "T1w", &[]), later, entry("sub-07", "T1w", &[])];
+        let entries = [
+            entry("sub-06", "T1w", &[]),
+            later,
+            entry("sub-07", "T1w", &[]),
+        ];
         let sizes: Vec<usize> = group_by_subject(&entries).iter().map(Vec::len).collect();
         assert_eq!(sizes, [1, 1, 1]);
     }
@@ -735,14 +772,19 @@ mod tests {
         let encoder = FilmEncoder::fit(&train).unwrap();
         assert_eq!(encoder.manufacturer_codes, [0, 2]);
         assert_eq!(encoder.len(), 5);
-        let close = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        let close = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+        };
         // A validation subject far from the training values: (120 - 90) / 10 = 3, (2.5 - 2) / 1 = 0.5,
         // (0.02 - 0.02) / 0.01 = 0, Siemens -> [1, 0]. Statistics over train + this subject would give other
         // numbers (FA mean 100), so these show the subject did not leak into the fit.
         let validation = mri(120.0, 2.5, 0.02, "Siemens");
         let encoded = encoder.encode(&validation);
         assert!(close(&encoded, &[3.0, 0.5, 0.0, 1.0, 0.0]), "{encoded:?}");
-        assert!(close(&encoder.encode(&train[0]), &[-1.0, -1.0, -1.0, 0.0, 1.0]));
+        assert!(close(
+            &encoder.encode(&train[0]),
+            &[-1.0, -1.0, -1.0, 0.0, 1.0]
+        ));
         // Philips was never seen in training: all-zero one-hot (scikit-learn's handle_unknown="ignore").
         let unseen = encoder.encode(&mri(90.0, 2.0, 0.02, "Philips"));
         assert!(close(&unseen, &[0.0, 0.0, 0.0, 0.0, 0.0]), "{unseen:?}");
@@ -750,9 +792,14 @@ mod tests {
         assert_eq!(batch.size(), [2, 5]);
 
         // A constant training parameter only centres.
-        let constant = FilmEncoder::fit(&[mri(90.0, 2.0, 0.02, "Acme"), mri(90.0, 4.0, 0.02, "Acme")]).unwrap();
+        let constant =
+            FilmEncoder::fit(&[mri(90.0, 2.0, 0.02, "Acme"), mri(90.0, 4.0, 0.02, "Acme")])
+                .unwrap();
         assert_eq!(constant.manufacturer_codes, [-1]);
-        assert!(close(&constant.encode(&mri(95.0, 4.0, 0.02, "Other")), &[5.0, 1.0, 0.0, 1.0]));
+        assert!(close(
+            &constant.encode(&mri(95.0, 4.0, 0.02, "Other")),
+            &[5.0, 1.0, 0.0, 1.0]
+        ));
 
         let dir = std::env::temp_dir().join(format!("ivado-film-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -798,8 +845,14 @@ mod tests {
         assert!((params.echo_time - 0.003).abs() < 1e-12);
         assert_eq!(params.manufacturer, "GE");
 
-        std::fs::write(&sidecar, r#"{"FlipAngle": 30, "RepetitionTime": 0.8, "Manufacturer": "GE"}"#).unwrap();
-        let error = MriParams::from_entry(&with_sidecar).unwrap_err().to_string();
+        std::fs::write(
+            &sidecar,
+            r#"{"FlipAngle": 30, "RepetitionTime": 0.8, "Manufacturer": "GE"}"#,
+        )
+        .unwrap();
+        let error = MriParams::from_entry(&with_sidecar)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("has no EchoTime"), "{error}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -31,10 +31,7 @@ pub enum SamplingMode {
         stride: [i64; 2],
     },
     /// 3D subvolumes of `length` (X, Y, Z) every `stride` voxels.
-    Subvolumes {
-        length: [i64; 3],
-        stride: [i64; 3],
-    },
+    Subvolumes { length: [i64; 3], stride: [i64; 3] },
     /// The whole volume as one sample.
     Volume,
 }
@@ -70,10 +67,7 @@ impl Window {
     /// Spatial shape of the window's tensors: (height, width) in 2D, (X, Y, Z) in 3D.
     pub fn shape(&self) -> Vec<i64> {
         match self.axis {
-            Some(axis) => plane_axes(axis)
-                .iter()
-                .map(|&a| self.extent[a])
-                .collect(),
+            Some(axis) => plane_axes(axis).iter().map(|&a| self.extent[a]).collect(),
             None => self.extent.to_vec(),
         }
     }
@@ -246,10 +240,7 @@ fn passes(
     empty_input: bool,
 ) -> Result<bool> {
     if let Some(target) = target {
-        let per_class = target
-            .f_ne(0.0)?
-            .f_flatten(1, -1)?
-            .f_any_dim(1, false)?;
+        let per_class = target.f_ne(0.0)?.f_flatten(1, -1)?.f_any_dim(1, false)?;
         let present: Vec<bool> = Vec::<bool>::try_from(&per_class)?;
         if empty_mask && !present.iter().any(|&p| p) {
             return Ok(false);
@@ -444,8 +435,11 @@ mod tests {
     /// `[C, X, Y, Z]` holding 0, 1, 2, ... : integer-valued, so averages of equal copies are exact and
     /// every voxel is distinct (a misplaced window cannot go unnoticed).
     fn numbered(shape: [i64; 4]) -> Tensor {
-        Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, tch::Device::Cpu))
-            .reshape(shape)
+        Tensor::arange(
+            shape.iter().product::<i64>(),
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .reshape(shape)
     }
 
     fn round_trip(volume: &Tensor, mode: &SamplingMode) -> (usize, Tensor) {
@@ -511,7 +505,14 @@ mod tests {
         let first_slice: Vec<[i64; 3]> = windows[..6].iter().map(|w| w.origin).collect();
         assert_eq!(
             first_slice,
-            [[0, 0, 0], [0, 3, 0], [0, 5, 0], [3, 0, 0], [3, 3, 0], [3, 5, 0]]
+            [
+                [0, 0, 0],
+                [0, 3, 0],
+                [0, 5, 0],
+                [3, 0, 0],
+                [3, 3, 0],
+                [3, 5, 0]
+            ]
         );
         // Subvolumes 4^3 every 3 over 7 x 9 x 5: 2 x 3 x 2.
         let mode = SamplingMode::Subvolumes {
@@ -577,10 +578,16 @@ mod tests {
         let mut rebuilt = Reconstructor::new([5, 1, 2], 1).unwrap();
         // Only slice z = 0 gets predictions (10 and 20); slice z = 1 stays uncovered.
         rebuilt
-            .add(&windows[0], &Tensor::full([1, 3, 1], 10.0, (Kind::Float, tch::Device::Cpu)))
+            .add(
+                &windows[0],
+                &Tensor::full([1, 3, 1], 10.0, (Kind::Float, tch::Device::Cpu)),
+            )
             .unwrap();
         rebuilt
-            .add(&windows[1], &Tensor::full([1, 3, 1], 20.0, (Kind::Float, tch::Device::Cpu)))
+            .add(
+                &windows[1],
+                &Tensor::full([1, 3, 1], 20.0, (Kind::Float, tch::Device::Cpu)),
+            )
             .unwrap();
         let volume = rebuilt.finish().unwrap();
         let z0: Vec<f32> = Vec::try_from(volume.select(3, 0).flatten(0, -1)).unwrap();
@@ -595,8 +602,16 @@ mod tests {
         let input = numbered([1, 6, 6, 10]) + 1.0;
         let _ = input.narrow(3, 0, 2).fill_(0.0);
         let target = Tensor::zeros([2, 6, 6, 10], (Kind::Float, tch::Device::Cpu));
-        let _ = target.narrow(3, 4, 4).narrow(1, 1, 2).narrow(0, 0, 1).fill_(1.0);
-        let _ = target.narrow(3, 5, 2).narrow(1, 2, 1).narrow(0, 1, 1).fill_(1.0);
+        let _ = target
+            .narrow(3, 4, 4)
+            .narrow(1, 1, 2)
+            .narrow(0, 0, 1)
+            .fill_(1.0);
+        let _ = target
+            .narrow(3, 5, 2)
+            .narrow(1, 2, 1)
+            .narrow(0, 1, 1)
+            .fill_(1.0);
         (input, target)
     }
 
@@ -619,7 +634,10 @@ mod tests {
             };
             kept_slices(&select(&axial, &input, Some(&target), None, &filters, true).unwrap())
         };
-        assert_eq!(select_with(SliceFilter::default()), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            select_with(SliceFilter::default()),
+            (0..10).collect::<Vec<_>>()
+        );
         let empty_input = SliceFilter {
             filter_empty_input: true,
             ..SliceFilter::default()
@@ -640,7 +658,12 @@ mod tests {
             slice: empty_mask,
             ..Filters::default()
         };
-        assert_eq!(select(&axial, &input, None, None, &filters, false).unwrap().len(), 10);
+        assert_eq!(
+            select(&axial, &input, None, None, &filters, false)
+                .unwrap()
+                .len(),
+            10
+        );
     }
 
     #[test]

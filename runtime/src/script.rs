@@ -5,12 +5,12 @@
 //! error as `file:line:col: message`.
 use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
 use crate::data::SliceSet;
-use crate::split::{split_entries, DataTesting, SplitParams};
 use crate::losses::ScriptLoss;
 use crate::model_folder;
 use crate::pipeline::{LivePipeline, Phase, Pipeline, Step, StepOptions, StepTransform};
 use crate::plugin::{PluginModel, PluginRegistry};
 use crate::script_transform::ScriptTransform;
+use crate::split::{split_entries, DataTesting, SplitParams};
 use crate::train::{seed_everything, EpochRecord, Held, TrainConfig, TrainReport, Trainer};
 use crate::{evaluate, infer, metrics, phantom, transfer};
 use anyhow::{anyhow, Context, Result};

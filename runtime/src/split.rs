@@ -531,7 +531,9 @@ mod tests {
                     let scanner = if contrast == "T1w" { "A" } else { "B" };
                     metadata.insert("scanner".to_owned(), scanner.to_owned());
                     BidsEntry {
-                        image: PathBuf::from(format!("/data/{subject}/anat/{subject}_{contrast}.nii.gz")),
+                        image: PathBuf::from(format!(
+                            "/data/{subject}/anat/{subject}_{contrast}.nii.gz"
+                        )),
                         subject,
                         session: None,
                         contrast: contrast.into(),
@@ -641,7 +643,10 @@ mod tests {
             ]
         );
         for (a, b) in [(&train, &valid), (&train, &test), (&valid, &test)] {
-            assert!(a.iter().all(|v| !b.contains(v)), "{a:?} and {b:?} share a centre");
+            assert!(
+                a.iter().all(|v| !b.contains(v)),
+                "{a:?} and {b:?} share a centre"
+            );
         }
         // Every image of a centre is where its centre is: 4 + 4 training images from london and tokyo.
         assert_eq!(split.train.len(), 8);
@@ -720,7 +725,10 @@ mod tests {
         };
         let file = check_round_trip(&by_scanner, "scanner");
         assert_eq!(file.test.len(), 10);
-        assert!(file.test.iter().all(|id| id.ends_with("_T2w.nii.gz")), "{file:?}");
+        assert!(
+            file.test.iter().all(|id| id.ends_with("_T2w.nii.gz")),
+            "{file:?}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -787,7 +795,11 @@ mod tests {
         };
         assert_eq!(test_of(11), test_of(11));
         let distinct: BTreeSet<_> = (0..10).map(test_of).collect();
-        assert!(distinct.len() > 5, "only {} distinct splits", distinct.len());
+        assert!(
+            distinct.len() > 5,
+            "only {} distinct splits",
+            distinct.len()
+        );
     }
 
     #[test]
@@ -799,9 +811,7 @@ mod tests {
             strings(&["sub-04", "sub-10"])
         );
         let two = &dataset()[..4];
-        let error = split_by_subject(two, 0.5, 0.5, 0)
-            .unwrap_err()
-            .to_string();
+        let error = split_by_subject(two, 0.5, 0.5, 0).unwrap_err().to_string();
         assert!(
             error.contains("valid_fraction 0.5 + test_fraction 0.5"),
             "{error}"
