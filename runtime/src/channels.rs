@@ -289,12 +289,15 @@ pub fn assemble(
     })))
 }
 
+/// A subject left out: (subject, reason).
+pub type SkippedSubject = (String, String);
+
 /// Every subject of `entries`: the samples, and the (subject, reason) of each one skipped.
 pub fn assemble_all(
     params: &ChannelParams,
     entries: &[BidsEntry],
     load: &mut dyn FnMut(&Path) -> Result<Tensor>,
-) -> Result<(Vec<SubjectSample>, Vec<(String, String)>)> {
+) -> Result<(Vec<SubjectSample>, Vec<SkippedSubject>)> {
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     for group in group_by_subject(entries) {
