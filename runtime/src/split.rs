@@ -600,8 +600,9 @@ mod tests {
         assert_eq!(test, [8, 1, 7, 0, 6, 5, 2]);
     }
 
-    // Expected sets below come from ivadomed's split_dataset steps run with scikit-learn on the same table
-    // (a plain-Python transcription of the steps, /tmp reference script described in the report).
+    // Expected sets below were printed by a Python transcription of ivadomed's split_dataset steps that calls
+    // scikit-learn 1.x's own train_test_split on the same 20-row table (participant_id, institution_id,
+    // filename), so sizes, order of unique values and the numpy permutation are all the real libraries'.
 
     #[test]
     fn participant_split_matches_ivadomed() {
