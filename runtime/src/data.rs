@@ -1,5 +1,5 @@
-//! From an indexed BIDS dataset to batches: subject-level splits, image/label pairs checked against each
-//! other, and 2D axial slices run through the preprocessing pipeline.
+//! From an indexed BIDS dataset to batches: image/label pairs checked against each other, and 2D axial
+//! slices run through the preprocessing pipeline. Splits live in [`crate::split`] (re-exported here).
 use crate::bids::BidsEntry;
 use crate::pipeline::{derive_seed, Phase, Pipeline};
 use crate::volume::{read_image, read_label, Volume};
@@ -10,64 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-/// Train / validation / test entries, split by participant so no subject leaks across sets.
-#[derive(Clone, Debug, Default)]
-pub struct Split {
-    pub train: Vec<BidsEntry>,
-    pub valid: Vec<BidsEntry>,
-    pub test: Vec<BidsEntry>,
-}
-
-/// Splits entries by subject. Subjects are sorted, then shuffled with `seed`, so the split depends only on the
-/// seed and the set of subjects. Each non-zero fraction gets at least one subject when there are enough.
-pub fn split_by_subject(
-    entries: &[BidsEntry],
-    valid_fraction: f64,
-    test_fraction: f64,
-    seed: u64,
-) -> Result<Split> {
-    if !(0.0..1.0).contains(&valid_fraction)
-        || !(0.0..1.0).contains(&test_fraction)
-        || valid_fraction + test_fraction >= 1.0
-    {
-        bail!("split fractions must be in [0, 1) and leave room for training: valid {valid_fraction} + test {test_fraction}");
-    }
-    let mut subjects: Vec<String> = entries.iter().map(|e| e.subject.clone()).collect();
-    subjects.sort();
-    subjects.dedup();
-    let count = subjects.len();
-    subjects.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let portion = |fraction: f64| {
-        if fraction > 0.0 {
-            ((count as f64 * fraction).round() as usize).max(1)
-        } else {
-            0
-        }
-    };
-    let n_test = portion(test_fraction);
-    let n_valid = portion(valid_fraction);
-    if n_test + n_valid >= count {
-        bail!(
-            "cannot split {count} subject(s) into train/valid/test with fractions {:.2}/{valid_fraction:.2}/{test_fraction:.2}: \
-             no subject would be left for training",
-            1.0 - valid_fraction - test_fraction
-        );
-    }
-    let test_subjects = &subjects[..n_test];
-    let valid_subjects = &subjects[n_test..n_test + n_valid];
-    let mut split = Split::default();
-    for entry in entries {
-        let set = if test_subjects.contains(&entry.subject) {
-            &mut split.test
-        } else if valid_subjects.contains(&entry.subject) {
-            &mut split.valid
-        } else {
-            &mut split.train
-        };
-        set.push(entry.clone());
-    }
-    Ok(split)
-}
+pub use crate::split::{split_by_subject, Split};
 
 /// Largest affine difference (mm) tolerated between an image and its label.
 const AFFINE_TOLERANCE_MM: f64 = 1e-3;
@@ -298,66 +241,5 @@ impl SliceSet {
             self.images.index_select(0, &index).to_device(device),
             self.labels.index_select(0, &index).to_device(device),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    fn entry(subject: &str, contrast: &str) -> BidsEntry {
-        BidsEntry {
-            subject: subject.into(),
-            session: None,
-            contrast: contrast.into(),
-            image: PathBuf::from(format!("{subject}_{contrast}.nii.gz")),
-            label: None,
-            sidecar: None,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn split_keeps_subjects_together_and_is_reproducible() {
-        let entries: Vec<BidsEntry> = (0..10)
-            .flat_map(|s| ["T1w", "T2w"].map(|c| entry(&format!("sub-{s:02}"), c)))
-            .collect();
-        let split = split_by_subject(&entries, 0.2, 0.2, 7).unwrap();
-        assert_eq!(
-            (split.train.len(), split.valid.len(), split.test.len()),
-            (12, 4, 4)
-        );
-        let subjects = |set: &[BidsEntry]| {
-            set.iter()
-                .map(|e| e.subject.clone())
-                .collect::<std::collections::BTreeSet<_>>()
-        };
-        assert!(subjects(&split.train).is_disjoint(&subjects(&split.test)));
-        assert!(subjects(&split.train).is_disjoint(&subjects(&split.valid)));
-        let again = split_by_subject(&entries, 0.2, 0.2, 7).unwrap();
-        assert_eq!(subjects(&again.test), subjects(&split.test));
-        let other =
-            (0..20).map(|seed| subjects(&split_by_subject(&entries, 0.2, 0.2, seed).unwrap().test));
-        assert!(
-            other.collect::<std::collections::BTreeSet<_>>().len() > 1,
-            "the seed changes nothing"
-        );
-    }
-
-    #[test]
-    fn split_refuses_fractions_that_leave_no_training_subject() {
-        let entries = vec![entry("sub-01", "T1w"), entry("sub-02", "T1w")];
-        let error = split_by_subject(&entries, 0.5, 0.5, 0)
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("leave room for training"), "{error}");
-        let error = split_by_subject(&entries, 0.3, 0.3, 0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("no subject would be left for training"),
-            "{error}"
-        );
     }
 }

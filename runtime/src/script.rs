@@ -4,12 +4,13 @@
 //! Errors from a primitive become Rhai runtime errors at the calling line, and [`run_file`] reports every
 //! error as `file:line:col: message`.
 use crate::bids::{BidsEntry, BidsIndex, BidsOptions};
-use crate::data::{split_by_subject, SliceSet};
+use crate::data::SliceSet;
 use crate::losses::ScriptLoss;
 use crate::model_folder;
 use crate::pipeline::{LivePipeline, Phase, Pipeline, Step, StepOptions, StepTransform};
 use crate::plugin::{PluginModel, PluginRegistry};
 use crate::script_transform::ScriptTransform;
+use crate::split::{split_entries, DataTesting, SplitParams};
 use crate::train::{seed_everything, EpochRecord, Held, TrainConfig, TrainReport, Trainer};
 use crate::{evaluate, infer, metrics, phantom, transfer};
 use anyhow::{anyhow, Context, Result};
@@ -685,24 +686,79 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
         },
     );
 
-    engine.register_fn("split", |dataset: Dataset, options: Map| -> ScriptResult<Map> {
-        check_keys("split", &options, &["train_fraction", "test_fraction", "random_seed"])?;
-        let train_fraction = option(&options, "train_fraction", 0.6, number)?;
-        let test_fraction = option(&options, "test_fraction", 0.2, number)?;
-        let seed = option(&options, "random_seed", 6, integer)? as u64;
-        let valid_fraction = 1.0 - train_fraction - test_fraction;
-        if valid_fraction <= 0.0 {
-            return Err(script_error(anyhow!(
-                "split: train_fraction {train_fraction} + test_fraction {test_fraction} leaves nothing for validation"
-            )));
-        }
-        let split = split_by_subject(&dataset.entries, valid_fraction, test_fraction, seed).map_err(script_error)?;
-        let mut map = Map::new();
-        map.insert("train".into(), Dynamic::from(Dataset { entries: Rc::new(split.train) }));
-        map.insert("valid".into(), Dynamic::from(Dataset { entries: Rc::new(split.valid) }));
-        map.insert("test".into(), Dynamic::from(Dataset { entries: Rc::new(split.test) }));
-        Ok(map)
-    });
+    // ivadomed's `split_dataset` options; `path_output` writes split_datasets.json there, `fname_split`
+    // (relative to the script) reads a split back instead of drawing one.
+    engine.register_fn(
+        "split",
+        |call: NativeCallContext, dataset: Dataset, options: Map| -> ScriptResult<Map> {
+            check_keys(
+                "split",
+                &options,
+                &[
+                    "train_fraction",
+                    "test_fraction",
+                    "random_seed",
+                    "split_method",
+                    "data_testing",
+                    "fname_split",
+                    "path_output",
+                ],
+            )?;
+            let defaults = SplitParams::default();
+            let data_testing = match options.get("data_testing") {
+                None => DataTesting::default(),
+                Some(value) => {
+                    let testing = value.clone().try_cast::<Map>().ok_or_else(|| {
+                        script_error(anyhow!(
+                            "split: `data_testing` must be a map #{{data_type: ..., data_value: [...]}}"
+                        ))
+                    })?;
+                    check_keys("split: data_testing", &testing, &["data_type", "data_value"])?;
+                    let data_type = match testing.get("data_type") {
+                        None => None,
+                        Some(v) if v.is_unit() => None,
+                        Some(v) => Some(text(v).ok_or_else(|| {
+                            script_error(anyhow!("split: `data_testing.data_type` must be a string"))
+                        })?),
+                    };
+                    let data_value = match testing.get("data_value") {
+                        None => Vec::new(),
+                        Some(v) => v
+                            .clone()
+                            .into_typed_array::<Dynamic>()
+                            .map_err(|_| {
+                                script_error(anyhow!("split: `data_testing.data_value` must be a list"))
+                            })?
+                            .iter()
+                            // Centre ids may be written as numbers in a script; tsv cells are text.
+                            .map(|item| text(item).unwrap_or_else(|| item.to_string()))
+                            .collect(),
+                    };
+                    DataTesting { data_type, data_value }
+                }
+            };
+            let params = SplitParams {
+                split_method: option(&options, "split_method", defaults.split_method, text)?,
+                train_fraction: option(&options, "train_fraction", defaults.train_fraction, number)?,
+                test_fraction: option(&options, "test_fraction", defaults.test_fraction, number)?,
+                random_seed: option(&options, "random_seed", defaults.random_seed as i64, integer)?
+                    .try_into()
+                    .map_err(|_| script_error(anyhow!("split: `random_seed` must not be negative")))?,
+                data_testing,
+                fname_split: option(&options, "fname_split", None, |v| text(v).map(Some))?
+                    .map(|path| relative_to_caller(&call, &path)),
+            };
+            let output = option(&options, "path_output", None, |v| text(v).map(Some))?
+                .map(|path| relative_to_caller(&call, &path));
+            let split = split_entries(&dataset.entries, &params, output.as_deref())
+                .map_err(|e| script_error(e.context("split")))?;
+            let mut map = Map::new();
+            map.insert("train".into(), Dynamic::from(Dataset { entries: Rc::new(split.train) }));
+            map.insert("valid".into(), Dynamic::from(Dataset { entries: Rc::new(split.valid) }));
+            map.insert("test".into(), Dynamic::from(Dataset { entries: Rc::new(split.test) }));
+            Ok(map)
+        },
+    );
 
     {
         let context = Rc::clone(&context);
