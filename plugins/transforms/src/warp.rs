@@ -1,15 +1,9 @@
 //! Resampling every tensor of a sample through a coordinate map with libtorch's `grid_sample`, for the random
 //! spatial transforms (affine, elastic). Runs wherever the tensors live (CPU or GPU).
-use crate::geometry::{is_float, spatial_shape};
+use crate::geometry::{batch_spatial_shape, is_float};
 use ivado_sdk::tch::{Device, Kind, Tensor};
-use ivado_sdk::{PluginError, Result, Sample};
-
-/// Spatial rank, spacing (mm per axis) and spatial shape of a sample.
-pub struct Frame {
-    pub rank: usize,
-    pub spacing: Vec<f64>,
-    pub shape: Vec<i64>,
-}
+use ivado_sdk::{Batch, PluginError, Result, Sample};
+use std::collections::BTreeMap;
 
 /// The spatial rank of a sample: from `image` (`[C, H, W]` or `[C, D, H, W]`) when it has one, else from the
 /// length of its spacing.
@@ -30,15 +24,55 @@ pub fn sample_rank(sample: &Sample, who: &str) -> Result<usize> {
     }
 }
 
-/// Rank, checked spacing and shared spatial shape of a sample.
-pub fn frame(sample: &Sample, who: &str) -> Result<Frame> {
-    let rank = sample_rank(sample, who)?;
-    let shape = spatial_shape(sample, rank, who)?;
-    let spacing = sample.checked_spacing(rank, who)?;
-    Ok(Frame {
+/// Spatial rank, shared spatial shape and per-sample spacing of a batch.
+pub struct BatchFrame {
+    pub rank: usize,
+    pub spacings: Vec<Vec<f64>>,
+    pub shape: Vec<i64>,
+    pub device: Device,
+}
+
+/// [`sample_rank`] of a batch: from `image` (`[B, C, ...]`) when it has one, else from the spacing's length.
+pub fn batch_rank(batch: &Batch, who: &str) -> Result<usize> {
+    let rank = match batch.tensors.get("image") {
+        Some(image) => image.dim().saturating_sub(2),
+        None => batch
+            .metas
+            .first()
+            .and_then(|meta| meta.get("spacing"))
+            .and_then(|spacing| spacing.as_array())
+            .map(Vec::len)
+            .ok_or_else(|| {
+                PluginError(format!(
+                    "{who}: no `image` to take the rank from, and the sample metadata has no `spacing` list"
+                ))
+            })?,
+    };
+    if rank == 2 || rank == 3 {
+        Ok(rank)
+    } else {
+        Err(PluginError(format!(
+            "{who}: samples must be 2D (`image` [C, H, W]) or 3D (`image` [C, D, H, W]), got {rank} spatial axes"
+        )))
+    }
+}
+
+/// Rank, shared spatial shape, each sample's checked spacing and the device of a batch.
+pub fn batch_frame(batch: &Batch, who: &str) -> Result<BatchFrame> {
+    let rank = batch_rank(batch, who)?;
+    let shape = batch_spatial_shape(batch, rank, who)?;
+    let spacings = batch.checked_spacings(rank, who)?;
+    let device = batch
+        .tensors
+        .values()
+        .next()
+        .map(|t| t.device())
+        .ok_or_else(|| PluginError(format!("{who}: the sample has no tensors")))?;
+    Ok(BatchFrame {
         rank,
-        spacing,
+        spacings,
         shape,
+        device,
     })
 }
 
@@ -164,10 +198,103 @@ pub fn warp_sample(sample: &mut Sample, grid: &Tensor, outside: Outside) -> Resu
     Ok(())
 }
 
-/// The sampling grid of an affine map in voxel indices: output voxel `i` reads input position
-/// `matrix[.., ..rank] · i + matrix[.., rank]` (`matrix` is `rank` rows of `rank + 1`). Input and output share
-/// `shape`. Built in float64 with `affine_grid`, so it is exact to float32 precision.
-pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result<Tensor> {
+/// Per sample of a batch, whether every value of `tensor` (`[B, ...]`) is 0 or 1.
+fn binary_rows(tensor: &Tensor) -> Result<Vec<bool>> {
+    let rows = tensor.size()[0];
+    let ok = tensor
+        .f_eq(0.0)?
+        .f_logical_or(&tensor.f_eq(1.0)?)?
+        .f_reshape([rows, -1])?
+        .f_all_dim(1, false)?;
+    Ok(Vec::<bool>::try_from(&ok.f_to_device(Device::Cpu)?)?)
+}
+
+/// Warps every tensor of a batch (`[B, *leading, *spatial]`) through `grid` (`[B, *out, rank]`, float64,
+/// normalised as in [`sample_at`]), sample `b` through `grid[b]`. Each sample's tensor gets the [`warp_mode`] it
+/// would get alone (a binary label is thresholded, a soft one not). The grid and the mask of what lies inside the
+/// input are converted and computed once per batch, for all tensors.
+pub fn warp_batch(
+    tensors: &mut BTreeMap<String, Tensor>,
+    grid: &Tensor,
+    outside: Outside,
+) -> Result<()> {
+    let grid_shape = grid.size();
+    let rank = grid_shape.len() - 2;
+    let rows = grid_shape[0];
+    let out_spatial = grid_shape[1..grid_shape.len() - 1].to_vec();
+    // (work kind, grid, inside mask [B, 1, *out]) per work kind met.
+    let mut prepared: Vec<(Kind, Tensor, Option<Tensor>)> = Vec::new();
+    for (name, tensor) in tensors.iter_mut() {
+        let shape = tensor.size();
+        if shape.len() < rank + 1 || shape[0] != rows {
+            return Err(PluginError(format!(
+                "cannot warp `{name}` of shape {shape:?} with a {rank}D grid of {rows} samples"
+            )));
+        }
+        let (leading, spatial) = shape[1..].split_at(shape.len() - 1 - rank);
+        let kind = tensor.f_kind()?;
+        let float = is_float(kind);
+        let work = if kind == Kind::Double || !float {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        if !prepared.iter().any(|(k, _, _)| *k == work) {
+            let converted = grid.f_to_kind(work)?.f_to_device(tensor.device())?;
+            let mask = match outside {
+                Outside::Zero => Some(
+                    inside(&converted, spatial)?
+                        .f_to_kind(work)?
+                        .f_unsqueeze(1)?,
+                ),
+                Outside::Reflect => None,
+            };
+            prepared.push((work, converted, mask));
+        }
+        let (_, work_grid, mask) = prepared
+            .iter()
+            .find(|(k, _, _)| *k == work)
+            .ok_or_else(|| PluginError::new("warp grid missing"))?;
+        let channels: i64 = leading.iter().product();
+        let mut batched = vec![rows, channels];
+        batched.extend_from_slice(spatial);
+        let input = tensor.f_to_kind(work)?.f_reshape(batched.as_slice())?;
+        let interpolation = if float { 0 } else { 1 };
+        let padding = match outside {
+            Outside::Zero => 0,
+            Outside::Reflect => 2,
+        };
+        let mut output = input.f_grid_sampler(work_grid, interpolation, padding, false)?;
+        if let Some(mask) = mask {
+            output = output.f_mul(mask)?;
+        }
+        if float && (name.starts_with("label") || name.starts_with("roi")) {
+            let binary = binary_rows(tensor)?;
+            if binary.iter().any(|&b| b) {
+                let thresholded = output.f_ge(0.5)?.f_to_kind(work)?;
+                output = if binary.iter().all(|&b| b) {
+                    thresholded
+                } else {
+                    let mut view = vec![rows];
+                    view.resize(output.dim(), 1);
+                    let condition = Tensor::f_from_slice(&binary)?
+                        .f_to_device(output.device())?
+                        .f_reshape(view.as_slice())?;
+                    thresholded.f_where_self(&condition, &output)?
+                };
+            }
+        }
+        let mut out_shape = vec![rows];
+        out_shape.extend_from_slice(leading);
+        out_shape.extend_from_slice(&out_spatial);
+        *tensor = output.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?;
+    }
+    Ok(())
+}
+
+/// The `[rank, rank + 1]` `affine_grid` theta (normalised coordinates, reversed axis order) of an affine map in
+/// voxel indices (see [`affine_grid`]), row-major.
+pub fn affine_theta(matrix: &[Vec<f64>], shape: &[i64]) -> Vec<f64> {
     let rank = shape.len();
     // Normalised coordinate u = (2 i + 1) / n - 1, i.e. i = half * u + centre.
     let half: Vec<f64> = shape.iter().map(|&n| n as f64 / 2.0).collect();
@@ -187,18 +314,29 @@ pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result
         }
         theta[grid_row * (rank + 1) + rank] = shift / half[row];
     }
-    let theta = Tensor::f_from_slice(&theta)?.f_reshape([1, rank as i64, rank as i64 + 1])?;
-    let mut size = vec![1, 1];
+    theta
+}
+
+/// The sampling grids (`[B, *shape, rank]`, float64) of one affine map per sample, in one `affine_grid` call.
+pub fn affine_grids(matrices: &[Vec<Vec<f64>>], shape: &[i64], device: Device) -> Result<Tensor> {
+    let rank = shape.len() as i64;
+    let thetas: Vec<f64> = matrices
+        .iter()
+        .flat_map(|matrix| affine_theta(matrix, shape))
+        .collect();
+    let count = matrices.len() as i64;
+    let theta = Tensor::f_from_slice(&thetas)?.f_reshape([count, rank, rank + 1])?;
+    let mut size = vec![count, 1];
     size.extend_from_slice(shape);
     Ok(Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?.f_to_device(device)?)
 }
 
-/// The sampling grid that reads input position `i + displacement[k](i)` along each axis `k` for output voxel `i`;
-/// `displacement` is `[rank, *shape]` in voxels.
-pub fn displacement_grid(displacement: &Tensor) -> Result<Tensor> {
+/// The sampling grids that read input position `i + displacement[b, k](i)` along each axis `k` for output voxel
+/// `i` of sample `b`; `displacement` is `[B, rank, *shape]` in voxels, the grids `[B, *shape, rank]`.
+pub fn displacement_grids(displacement: &Tensor) -> Result<Tensor> {
     let size = displacement.size();
-    let rank = size[0] as usize;
-    let shape = &size[1..];
+    let rank = size[1] as usize;
+    let shape = &size[2..];
     let identity: Vec<Vec<f64>> = (0..rank)
         .map(|row| {
             (0..=rank)
@@ -206,19 +344,25 @@ pub fn displacement_grid(displacement: &Tensor) -> Result<Tensor> {
                 .collect()
         })
         .collect();
-    let base = affine_grid(&identity, shape, displacement.device())?;
+    let base = affine_grids(&[identity], shape, displacement.device())?;
     // A displacement of d voxels along an axis of n voxels is 2 d / n in normalised units; reversed axis order.
     let mut steps = Vec::with_capacity(rank);
     for axis in (0..rank).rev() {
         steps.push(
             displacement
-                .f_select(0, axis as i64)?
+                .f_select(1, axis as i64)?
                 .f_to_kind(Kind::Double)?
                 .f_mul_scalar(2.0 / shape[axis] as f64)?,
         );
     }
-    let offsets = Tensor::f_stack(&steps, -1)?.f_unsqueeze(0)?;
-    Ok(base.f_add(&offsets)?)
+    Ok(base.f_add(&Tensor::f_stack(&steps, -1)?)?)
+}
+
+/// The sampling grid of an affine map in voxel indices: output voxel `i` reads input position
+/// `matrix[.., ..rank] · i + matrix[.., rank]` (`matrix` is `rank` rows of `rank + 1`). Input and output share
+/// `shape`. Built in float64 with `affine_grid`, so it is exact to float32 precision.
+pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result<Tensor> {
+    affine_grids(&[matrix.to_vec()], shape, device)
 }
 
 /// Inverse of an affine map `[A | a]` (rows of `rank + 1`): `[A⁻¹ | -A⁻¹ a]`, by Gauss-Jordan elimination.
@@ -307,9 +451,9 @@ mod tests {
     #[test]
     fn displacement_grid_reads_shifted_positions() {
         let input = Tensor::from_slice(&[0.0f32, 2.0, 4.0, 6.0]).reshape([1, 1, 4]);
-        let displacement = Tensor::zeros([2, 1, 4], (Kind::Float, Device::Cpu));
-        let _ = displacement.select(0, 1).fill_(0.5);
-        let grid = displacement_grid(&displacement).unwrap();
+        let displacement = Tensor::zeros([1, 2, 1, 4], (Kind::Float, Device::Cpu));
+        let _ = displacement.select(1, 1).fill_(0.5);
+        let grid = displacement_grids(&displacement).unwrap();
         let out = values(&sample_at(&input, &grid, WarpMode::Linear, Outside::Reflect).unwrap());
         let expected = [1.0, 3.0, 5.0, 6.0];
         for (got, want) in out.iter().zip(expected) {
