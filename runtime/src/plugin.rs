@@ -498,7 +498,8 @@ impl SampleArgs {
             .values()
             .map(|t| t.as_ptr() as TensorHandle)
             .collect();
-        let meta = Value::Array(batch.metas.iter().cloned().map(Value::Object).collect()).to_string();
+        let meta =
+            Value::Array(batch.metas.iter().cloned().map(Value::Object).collect()).to_string();
         Self {
             names,
             name_refs,

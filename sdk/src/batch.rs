@@ -61,9 +61,11 @@ impl Batch {
             .collect::<Result<_>>()?;
         for (index, sample) in samples.iter().enumerate().skip(1) {
             let same = sample.tensors.len() == layout.len()
-                && sample.tensors.iter().zip(&layout).all(|((name, t), (n, s, k))| {
-                    name == n && &t.size() == s && t.kind() == *k
-                });
+                && sample
+                    .tensors
+                    .iter()
+                    .zip(&layout)
+                    .all(|((name, t), (n, s, k))| name == n && &t.size() == s && t.kind() == *k);
             if !same {
                 let describe = |s: &Sample| -> Vec<String> {
                     s.tensors

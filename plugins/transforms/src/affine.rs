@@ -1,8 +1,12 @@
 //! ivadomed's `RandomAffine`.
 use crate::random::{seeded, uniform};
-use crate::warp::{affine_grid, affine_grids, batch_frame, invert_affine, warp_batch, warp_sample, Outside};
+use crate::warp::{
+    affine_grid, affine_grids, batch_frame, invert_affine, warp_batch, warp_sample, Outside,
+};
 use ivado_sdk::serde_json::{json, Value};
-use ivado_sdk::{apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 use rand::Rng;
 
 /// A random rotation, per-axis scaling and whole-voxel translation, drawn once per sample and applied to every

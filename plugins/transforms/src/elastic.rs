@@ -4,7 +4,9 @@ use crate::random::{chance, probability_key, range_key, seeded, uniform, uniform
 use crate::warp::{batch_frame, displacement_grids, warp_batch, Outside};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Kind, Tensor};
-use ivado_sdk::{apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 use std::collections::BTreeMap;
 
 /// A random elastic deformation (Simard et al. 2003), applied with probability `p`.
@@ -122,9 +124,7 @@ impl Transform for ElasticTransform {
             .f_to_device(frame.device)?;
         let mut field_shape = vec![count, rank as i64];
         field_shape.extend_from_slice(&frame.shape);
-        let displacement = smoothed
-            .f_mul(&scale)?
-            .f_reshape(field_shape.as_slice())?;
+        let displacement = smoothed.f_mul(&scale)?.f_reshape(field_shape.as_slice())?;
         let grid = displacement_grids(&displacement)?;
         if deformed.len() == batch.len() {
             warp_batch(&mut batch.tensors, &grid, Outside::Reflect)?;

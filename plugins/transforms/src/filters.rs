@@ -58,7 +58,11 @@ pub fn convolution_matrix(kernel: &[f64], n: usize, border: Border) -> Vec<f64> 
 
 /// Gaussian-filters each row of `tensor` (`[R, ...]`, float32 or float64) along its trailing `sigmas[r].len()`
 /// axes, row `r` with its own `sigmas[r][k]` (in samples) along axis k: one batched matrix product per axis.
-pub fn gaussian_filter_rows(tensor: &Tensor, sigmas: &[Vec<f64>], border: Border) -> Result<Tensor> {
+pub fn gaussian_filter_rows(
+    tensor: &Tensor,
+    sigmas: &[Vec<f64>],
+    border: Border,
+) -> Result<Tensor> {
     let kind = tensor.f_kind()?;
     if !matches!(kind, Kind::Float | Kind::Double) {
         return Err(PluginError(format!(
@@ -157,9 +161,12 @@ mod tests {
         }
         // Filtering the trailing axes of a 3D tensor keeps the shape, and a constant stays constant (mirrored).
         let volume = Tensor::ones([2, 5, 3], (Kind::Float, Device::Cpu));
-        let smoothed =
-            gaussian_filter_rows(&volume, &[vec![1.0, 0.5], vec![0.7, 2.0]], Border::Symmetric)
-                .unwrap();
+        let smoothed = gaussian_filter_rows(
+            &volume,
+            &[vec![1.0, 0.5], vec![0.7, 2.0]],
+            Border::Symmetric,
+        )
+        .unwrap();
         assert_eq!(smoothed.size(), vec![2, 5, 3]);
         assert!(f64::try_from((smoothed - 1.0).abs().max()).unwrap() < 1e-6);
     }

@@ -40,7 +40,13 @@ fn batch_image<'a>(batch: &'a Batch, who: &str) -> Result<Option<(&'a Tensor, i6
 
 /// `[B, C, 1, 1, ...]` tensor of per-(sample, channel) values (`values[b * C + c]`) for broadcasting against a
 /// `dims`-dimensional batch image.
-fn per_channel(values: &[f64], channels: i64, dims: usize, kind: Kind, device: Device) -> Result<Tensor> {
+fn per_channel(
+    values: &[f64],
+    channels: i64,
+    dims: usize,
+    kind: Kind,
+    device: Device,
+) -> Result<Tensor> {
     let mut shape = vec![values.len() as i64 / channels.max(1), channels];
     shape.resize(dims, 1);
     Ok(Tensor::f_from_slice(values)?
@@ -184,7 +190,12 @@ impl Transform for AdditiveGaussianNoise {
         let mut values = Vec::with_capacity(image.numel());
         for &seed in seeds {
             // ivadomed draws the noise as float32 too.
-            values.extend(normal_values(&mut seeded(seed), self.mean, self.std, per_sample)?);
+            values.extend(normal_values(
+                &mut seeded(seed),
+                self.mean,
+                self.std,
+                per_sample,
+            )?);
         }
         let noise = Tensor::f_from_slice(&values)?
             .f_reshape(image.size().as_slice())?
@@ -352,7 +363,12 @@ impl Transform for RandomGamma {
             }
         }
         let out = change_rows(image, &rows, |selected| {
-            let gamma = per_row(&gammas, selected.dim(), selected.f_kind()?, selected.device())?;
+            let gamma = per_row(
+                &gammas,
+                selected.dim(),
+                selected.f_kind()?,
+                selected.device(),
+            )?;
             Ok(selected
                 .f_abs()?
                 .f_pow(&gamma)?

@@ -2,7 +2,9 @@
 use crate::geometry::{is_float, record_floats};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
-use ivado_sdk::{apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 
 /// Standardises `image` with its own statistics: `(x - mean) / std`, per channel over all its voxels.
 ///

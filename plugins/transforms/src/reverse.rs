@@ -4,7 +4,9 @@ use crate::random::seeded;
 use crate::warp::batch_rank;
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::Tensor;
-use ivado_sdk::{apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 use rand::Rng;
 
 /// Flips each spatial axis with probability 0.5, the same axes for every tensor of the sample. The record lists
