@@ -1,7 +1,7 @@
 //! ivadomed's `RandomAffine`.
 use crate::random::{seeded, uniform};
 use crate::warp::{
-    affine_grid, affine_grids, batch_frame, invert_affine, warp_batch, warp_sample, Outside,
+    affine_grid, batch_frame, host_affine_grids, invert_affine, warp_batch, warp_sample, Outside,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::{
@@ -227,8 +227,9 @@ impl Transform for RandomAffine {
             matrices.push(matrix);
             records.push(record);
         }
-        let grid = affine_grids(&matrices, &frame.shape, frame.device)?;
-        warp_batch(&mut batch.tensors, &grid, Outside::Zero)?;
+        warp_batch(&mut batch.tensors, rank, &|work, device| {
+            host_affine_grids(&matrices, &frame.shape, work, device)
+        })?;
         Ok(records)
     }
 

@@ -1,7 +1,7 @@
 //! ivadomed's `ElasticTransform`.
 use crate::filters::{gaussian_filter_rows, Border};
 use crate::random::{chance, probability_key, range_key, seeded, uniform, uniform_values};
-use crate::warp::{batch_frame, displacement_grids, warp_batch, Outside};
+use crate::warp::{batch_frame, convert_grid, displacement_grids, warp_batch, Outside};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Kind, Tensor};
 use ivado_sdk::{
@@ -126,8 +126,10 @@ impl Transform for ElasticTransform {
         field_shape.extend_from_slice(&frame.shape);
         let displacement = smoothed.f_mul(&scale)?.f_reshape(field_shape.as_slice())?;
         let grid = displacement_grids(&displacement)?;
+        let grid_in =
+            |work, device| convert_grid(&grid, &frame.shape, Outside::Reflect, work, device);
         if deformed.len() == batch.len() {
-            warp_batch(&mut batch.tensors, &grid, Outside::Reflect)?;
+            warp_batch(&mut batch.tensors, rank, &grid_in)?;
             return Ok(records);
         }
         let rows = Tensor::f_from_slice(&deformed)?.f_to_device(frame.device)?;
@@ -135,7 +137,7 @@ impl Transform for ElasticTransform {
         for (name, tensor) in &batch.tensors {
             subset.insert(name.clone(), tensor.f_index_select(0, &rows)?);
         }
-        warp_batch(&mut subset, &grid, Outside::Reflect)?;
+        warp_batch(&mut subset, rank, &grid_in)?;
         for (name, warped) in subset {
             let tensor = batch.get(&name)?;
             let merged = tensor.f_index_copy(0, &rows, &warped)?;

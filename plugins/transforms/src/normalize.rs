@@ -19,13 +19,9 @@ impl NormalizeInstance {
     fn statistics(rows: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
         let count = rows.size().first().copied().unwrap_or(1);
         let flat = rows.f_to_kind(Kind::Double)?.f_reshape([count, -1])?;
-        let mean = flat.f_mean_dim(Some([1i64].as_slice()), true, None::<Kind>)?;
-        let variance = flat.f_sub(&mean)?.f_square()?.f_mean_dim(
-            Some([1i64].as_slice()),
-            false,
-            None::<Kind>,
-        )?;
-        let means = Vec::<f64>::try_from(&mean.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+        // Population variance (correction 0) and mean in one pass.
+        let (variance, mean) = flat.f_var_mean_correction(Some([1i64].as_slice()), 0, false)?;
+        let means = Vec::<f64>::try_from(&mean.f_to_device(Device::Cpu)?)?;
         let variances = Vec::<f64>::try_from(&variance.f_to_device(Device::Cpu)?)?;
         let divisors = means
             .iter()
@@ -87,16 +83,23 @@ impl Transform for NormalizeInstance {
         let (means, divisors) = Self::statistics(&image.f_reshape([samples * channels, -1])?)?;
         let kind = image.f_kind()?;
         let out_kind = if is_float(kind) { kind } else { Kind::Float };
+        // float32 images are standardised in float32 (statistics from float64); others in float64.
+        let work = if kind == Kind::Float {
+            Kind::Float
+        } else {
+            Kind::Double
+        };
         let device = image.device();
         let mut per_channel = vec![samples, channels];
         per_channel.resize(shape.len(), 1);
         let as_tensor = |values: &[f64]| -> Result<Tensor> {
             Ok(Tensor::f_from_slice(values)?
                 .f_reshape(per_channel.as_slice())?
+                .f_to_kind(work)?
                 .f_to_device(device)?)
         };
         let normalized = image
-            .f_to_kind(Kind::Double)?
+            .f_to_kind(work)?
             .f_sub(&as_tensor(&means)?)?
             .f_div(&as_tensor(&divisors)?)?
             .f_to_kind(out_kind)?;

@@ -209,87 +209,210 @@ fn binary_rows(tensor: &Tensor) -> Result<Vec<bool>> {
     Ok(Vec::<bool>::try_from(&ok.f_to_device(Device::Cpu)?)?)
 }
 
-/// Warps every tensor of a batch (`[B, *leading, *spatial]`) through `grid` (`[B, *out, rank]`, float64,
-/// normalised as in [`sample_at`]), sample `b` through `grid[b]`. Each sample's tensor gets the [`warp_mode`] it
-/// would get alone (a binary label is thresholded, a soft one not). The grid and the mask of what lies inside the
-/// input are converted and computed once per batch, for all tensors.
+/// A batch's sampling grid in a given work kind (`[B, *out, rank]`, normalised as in [`sample_at`]) and how it
+/// treats what lies outside the input: `None` reflects (scipy's `reflect`), `Some(mask)` reads zeros, with the
+/// optional mask (`[B, 1, *out]`, 0 or 1) of the positions inside the input.
+pub type GridIn = (Tensor, Option<Option<Tensor>>);
+
+/// Warps every tensor of a batch (`[B, *leading, *spatial]`) through the grid `grid_in(work kind, device)` gives,
+/// sample `b` through `grid[b]`, with the outside its [`GridIn`] says. Each
+/// sample's tensor gets the [`warp_mode`] it would get alone (a binary label is thresholded, a soft one not).
+/// Tensors resampled alike (same work kind and interpolation) go through one `grid_sample` together, as channels:
+/// the grid's coordinates and weights are computed once for all of them.
 pub fn warp_batch(
     tensors: &mut BTreeMap<String, Tensor>,
-    grid: &Tensor,
-    outside: Outside,
+    rank: usize,
+    grid_in: &dyn Fn(Kind, Device) -> Result<GridIn>,
 ) -> Result<()> {
-    let grid_shape = grid.size();
-    let rank = grid_shape.len() - 2;
-    let rows = grid_shape[0];
-    let out_spatial = grid_shape[1..grid_shape.len() - 1].to_vec();
-    // (work kind, grid, inside mask [B, 1, *out]) per work kind met.
-    let mut prepared: Vec<(Kind, Tensor, Option<Tensor>)> = Vec::new();
-    for (name, tensor) in tensors.iter_mut() {
+    // (work kind, interpolation code) -> names, in name order.
+    let mut groups: Vec<((Kind, i64), Vec<String>)> = Vec::new();
+    let mut rows = None;
+    for (name, tensor) in tensors.iter() {
         let shape = tensor.size();
-        if shape.len() < rank + 1 || shape[0] != rows {
+        if shape.len() < rank + 1 || rows.is_some_and(|r| r != shape[0]) {
             return Err(PluginError(format!(
-                "cannot warp `{name}` of shape {shape:?} with a {rank}D grid of {rows} samples"
+                "cannot warp `{name}` of shape {shape:?} in {rank}D with the rest of its batch"
             )));
         }
-        let (leading, spatial) = shape[1..].split_at(shape.len() - 1 - rank);
+        rows = Some(shape[0]);
         let kind = tensor.f_kind()?;
-        let float = is_float(kind);
-        let work = if kind == Kind::Double || !float {
-            Kind::Double
+        let key = if kind == Kind::Double {
+            (Kind::Double, 0)
+        } else if is_float(kind) {
+            (Kind::Float, 0)
         } else {
-            Kind::Float
+            // Integers are carried in float64 and resampled nearest, so class indices stay exact.
+            (Kind::Double, 1)
         };
-        if !prepared.iter().any(|(k, _, _)| *k == work) {
-            let converted = grid.f_to_kind(work)?.f_to_device(tensor.device())?;
-            let mask = match outside {
-                Outside::Zero => Some(
-                    inside(&converted, spatial)?
-                        .f_to_kind(work)?
-                        .f_unsqueeze(1)?,
-                ),
-                Outside::Reflect => None,
-            };
-            prepared.push((work, converted, mask));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, names)) => names.push(name.clone()),
+            None => groups.push((key, vec![name.clone()])),
         }
-        let (_, work_grid, mask) = prepared
-            .iter()
-            .find(|(k, _, _)| *k == work)
-            .ok_or_else(|| PluginError::new("warp grid missing"))?;
-        let channels: i64 = leading.iter().product();
-        let mut batched = vec![rows, channels];
-        batched.extend_from_slice(spatial);
-        let input = tensor.f_to_kind(work)?.f_reshape(batched.as_slice())?;
-        let interpolation = if float { 0 } else { 1 };
-        let padding = match outside {
-            Outside::Zero => 0,
-            Outside::Reflect => 2,
+    }
+    let Some(rows) = rows else { return Ok(()) };
+    for ((work, interpolation), names) in groups {
+        let device = tensors[&names[0]].device();
+        let (grid, zeros) = grid_in(work, device)?;
+        let padding = if zeros.is_some() { 0 } else { 2 };
+        let mask = zeros.flatten();
+        let mut inputs = Vec::with_capacity(names.len());
+        let mut channels = Vec::with_capacity(names.len());
+        for name in &names {
+            let tensor = &tensors[name];
+            let shape = tensor.size();
+            let spatial = &shape[shape.len() - rank..];
+            let count: i64 = shape[1..shape.len() - rank].iter().product();
+            let mut batched = vec![rows, count];
+            batched.extend_from_slice(spatial);
+            inputs.push(tensor.f_to_kind(work)?.f_reshape(batched.as_slice())?);
+            channels.push(count);
+        }
+        let input = if inputs.len() == 1 {
+            inputs.pop().ok_or_else(|| PluginError::new("no input"))?
+        } else {
+            Tensor::f_cat(&inputs, 1)?
         };
-        let mut output = input.f_grid_sampler(work_grid, interpolation, padding, false)?;
-        if let Some(mask) = mask {
+        let mut output = input.f_grid_sampler(&grid, interpolation, padding, false)?;
+        if let Some(mask) = &mask {
             output = output.f_mul(mask)?;
         }
-        if float && (name.starts_with("label") || name.starts_with("roi")) {
-            let binary = binary_rows(tensor)?;
-            if binary.iter().any(|&b| b) {
-                let thresholded = output.f_ge(0.5)?.f_to_kind(work)?;
-                output = if binary.iter().all(|&b| b) {
-                    thresholded
-                } else {
-                    let mut view = vec![rows];
-                    view.resize(output.dim(), 1);
-                    let condition = Tensor::f_from_slice(&binary)?
-                        .f_to_device(output.device())?
-                        .f_reshape(view.as_slice())?;
-                    thresholded.f_where_self(&condition, &output)?
-                };
+        let out_spatial = output.size()[2..].to_vec();
+        let mut start = 0;
+        for (name, count) in names.iter().zip(channels) {
+            let tensor = &tensors[name];
+            let kind = tensor.f_kind()?;
+            let mut warped = output.f_narrow(1, start, count)?;
+            start += count;
+            if is_float(kind) && (name.starts_with("label") || name.starts_with("roi")) {
+                let binary = binary_rows(tensor)?;
+                if binary.iter().any(|&b| b) {
+                    let thresholded = warped.f_ge(0.5)?.f_to_kind(work)?;
+                    warped = if binary.iter().all(|&b| b) {
+                        thresholded
+                    } else {
+                        let mut view = vec![rows];
+                        view.resize(warped.dim(), 1);
+                        let condition = Tensor::f_from_slice(&binary)?
+                            .f_to_device(device)?
+                            .f_reshape(view.as_slice())?;
+                        thresholded.f_where_self(&condition, &warped)?
+                    };
+                }
             }
+            let shape = tensor.size();
+            let mut out_shape = shape[..shape.len() - rank].to_vec();
+            out_shape.extend_from_slice(&out_spatial);
+            let warped = warped.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?;
+            tensors.insert(name.clone(), warped);
         }
-        let mut out_shape = vec![rows];
-        out_shape.extend_from_slice(leading);
-        out_shape.extend_from_slice(&out_spatial);
-        *tensor = output.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?;
     }
     Ok(())
+}
+
+/// A float64 grid (`[B, *out, rank]`) as [`warp_batch`] wants it: converted to the work kind, with the inside mask
+/// when `outside` is [`Outside::Zero`].
+pub fn convert_grid(
+    grid: &Tensor,
+    spatial: &[i64],
+    outside: Outside,
+    work: Kind,
+    device: Device,
+) -> Result<GridIn> {
+    let converted = grid.f_to_kind(work)?.f_to_device(device)?;
+    let zeros = match outside {
+        Outside::Zero => Some(Some(
+            inside(&converted, spatial)?
+                .f_to_kind(work)?
+                .f_unsqueeze(1)?,
+        )),
+        Outside::Reflect => None,
+    };
+    Ok((converted, zeros))
+}
+
+/// Normalised coordinate given to positions outside the input: far enough that every corner `grid_sample`
+/// interpolates from is padding, so with zero padding they read exactly 0.
+const FAR_OUTSIDE: f64 = -4.0;
+
+/// The sampling grids of one affine map per sample (`matrices`, voxel indices as in [`affine_grid`]), input and
+/// output on `shape`, computed on the host in float64 and handed over in `work` kind: each coordinate is `A · o + a`
+/// in voxels, normalised as `(2 i + 1) / n - 1`. A position beyond the outer voxel centres (with the tolerance of
+/// [`sample_at`]) is moved far outside, so that it reads 0 under zero padding as scipy's `constant` mode does,
+/// without a mask.
+pub fn host_affine_grids(
+    matrices: &[Vec<Vec<f64>>],
+    shape: &[i64],
+    work: Kind,
+    device: Device,
+) -> Result<GridIn> {
+    let count = matrices.len() as i64;
+    let mut grid_shape = vec![count];
+    grid_shape.extend_from_slice(shape);
+    grid_shape.push(shape.len() as i64);
+    let tensor = if work == Kind::Double {
+        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v))?
+    } else {
+        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v as f32))?.f_to_kind(work)?
+    };
+    Ok((
+        tensor
+            .f_reshape(grid_shape.as_slice())?
+            .f_to_device(device)?,
+        Some(None),
+    ))
+}
+
+fn fill_affine_grids<T: Copy + Default>(
+    matrices: &[Vec<Vec<f64>>],
+    shape: &[i64],
+    store: impl Fn(f64) -> T,
+) -> Vec<T> {
+    const TOLERANCE: f64 = 1e-3;
+    let rank = shape.len();
+    let voxels: usize = shape.iter().map(|&n| n as usize).product();
+    let last = shape[rank - 1] as usize;
+    let mut grid = vec![T::default(); matrices.len() * voxels * rank];
+    let limits: Vec<f64> = shape.iter().map(|&n| n as f64 - 1.0 + TOLERANCE).collect();
+    let scales: Vec<f64> = shape.iter().map(|&n| 2.0 / n as f64).collect();
+    let offsets: Vec<f64> = shape.iter().map(|&n| 1.0 / n as f64 - 1.0).collect();
+    let far = store(FAR_OUTSIDE);
+    let mut start = vec![0.0f64; rank];
+    let mut outer = vec![0usize; rank - 1];
+    let mut lines = grid.chunks_exact_mut(last * rank);
+    for matrix in matrices {
+        let along: Vec<f64> = (0..rank).map(|k| matrix[k][rank - 1]).collect();
+        // Output voxels in C order, one line along the last axis at a time.
+        for line in 0..voxels / last {
+            let mut rest = line;
+            for axis in (0..rank - 1).rev() {
+                let n = shape[axis] as usize;
+                outer[axis] = rest % n;
+                rest /= n;
+            }
+            for (k, value) in start.iter_mut().enumerate() {
+                *value = matrix[k][rank]
+                    + outer
+                        .iter()
+                        .enumerate()
+                        .map(|(axis, &i)| matrix[k][axis] * i as f64)
+                        .sum::<f64>();
+            }
+            let Some(points) = lines.next() else { break };
+            for (step, point) in points.chunks_exact_mut(rank).enumerate() {
+                let mut within = true;
+                // The grid lists coordinates in reversed axis order.
+                for k in 0..rank {
+                    let position = start[k] + along[k] * step as f64;
+                    within &= position >= -TOLERANCE && position <= limits[k];
+                    point[rank - 1 - k] = store(position * scales[k] + offsets[k]);
+                }
+                if !within {
+                    point.fill(far);
+                }
+            }
+        }
+    }
+    grid
 }
 
 /// The `[rank, rank + 1]` `affine_grid` theta (normalised coordinates, reversed axis order) of an affine map in
