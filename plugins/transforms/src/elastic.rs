@@ -112,14 +112,15 @@ impl Transform for ElasticTransform {
         let count = deformed.len() as i64;
         let mut rows_shape = vec![count * rank as i64];
         rows_shape.extend_from_slice(&frame.shape);
+        // float32 throughout: the displacements need far less than float32's precision.
         let fields = Tensor::f_from_slice(&noise)?
-            .f_to_kind(Kind::Double)?
             .f_reshape(rows_shape.as_slice())?
             .f_to_device(frame.device)?;
         let smoothed = gaussian_filter_rows(&fields, &sigmas, Border::Zero)?;
         let mut scale_shape = vec![count * rank as i64];
         scale_shape.resize(rank + 1, 1);
         let scale = Tensor::f_from_slice(&scales)?
+            .f_to_kind(Kind::Float)?
             .f_reshape(scale_shape.as_slice())?
             .f_to_device(frame.device)?;
         let mut field_shape = vec![count, rank as i64];

@@ -455,11 +455,13 @@ pub fn affine_grids(matrices: &[Vec<Vec<f64>>], shape: &[i64], device: Device) -
 }
 
 /// The sampling grids that read input position `i + displacement[b, k](i)` along each axis `k` for output voxel
-/// `i` of sample `b`; `displacement` is `[B, rank, *shape]` in voxels, the grids `[B, *shape, rank]`.
+/// `i` of sample `b`; `displacement` is `[B, rank, *shape]` in voxels, the grids `[B, *shape, rank]`, in the
+/// displacement's kind (float32 or float64).
 pub fn displacement_grids(displacement: &Tensor) -> Result<Tensor> {
     let size = displacement.size();
     let rank = size[1] as usize;
     let shape = &size[2..];
+    let kind = displacement.f_kind()?;
     let identity: Vec<Vec<f64>> = (0..rank)
         .map(|row| {
             (0..=rank)
@@ -467,14 +469,13 @@ pub fn displacement_grids(displacement: &Tensor) -> Result<Tensor> {
                 .collect()
         })
         .collect();
-    let base = affine_grids(&[identity], shape, displacement.device())?;
+    let (base, _) = host_affine_grids(&[identity], shape, kind, displacement.device())?;
     // A displacement of d voxels along an axis of n voxels is 2 d / n in normalised units; reversed axis order.
     let mut steps = Vec::with_capacity(rank);
     for axis in (0..rank).rev() {
         steps.push(
             displacement
                 .f_select(1, axis as i64)?
-                .f_to_kind(Kind::Double)?
                 .f_mul_scalar(2.0 / shape[axis] as f64)?,
         );
     }
