@@ -3,8 +3,12 @@
 //! default config and documentation examples), through the plugin boundary exactly as training applies it,
 //! on 2D slices and 3D subvolumes of a generated phantom, with one worker thread and with several.
 //!
-//! Workers are threads that each augment whole samples, as a data loader's workers do (ivadomed uses
-//! PyTorch DataLoader workers); each runs libtorch with one intra-op thread, so the figures measure
+//! Each case is timed twice: sample by sample (one plugin call per step and sample, as ivadomed's transforms
+//! run), and batched (one plugin call per step for [`BENCH_BATCH`] samples, as training augments its batches;
+//! each sample still draws from its own seed, so both modes do the same augmentations).
+//!
+//! Workers are threads that each augment whole samples or whole batches, as a data loader's workers do (ivadomed
+//! uses PyTorch DataLoader workers); each runs libtorch with one intra-op thread, so the figures measure
 //! sample-level parallelism rather than the splitting of one small tensor op over cores.
 use crate::data::axial_samples;
 use crate::device;
@@ -14,7 +18,7 @@ use crate::plugin::PluginRegistry;
 use crate::preview::pipeline_from_specs;
 use crate::volume::read_volume;
 use anyhow::{anyhow, ensure, Context, Result};
-use ivado_sdk::Sample;
+use ivado_sdk::{Batch, Sample};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -48,6 +52,27 @@ pub fn augmentation_specs() -> Vec<Value> {
     ]
 }
 
+/// Samples per batch in the batched rows: ivadomed's default `batch_size` (its `config.json`).
+pub const BENCH_BATCH: usize = 18;
+
+/// How the samples go through the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AugmentMode {
+    /// One sample at a time ([`Pipeline::apply_in`]).
+    PerSample,
+    /// Batches of this many samples ([`Pipeline::apply_batch`]).
+    Batched(usize),
+}
+
+impl AugmentMode {
+    pub fn label(self) -> String {
+        match self {
+            AugmentMode::PerSample => "per sample".into(),
+            AugmentMode::Batched(size) => format!("batched ({size})"),
+        }
+    }
+}
+
 /// Samples of one kind to augment.
 pub struct AugmentCase {
     /// Row label, e.g. `2D 1x128x128 + label`.
@@ -59,6 +84,7 @@ pub struct AugmentCase {
 #[derive(Clone, Debug)]
 pub struct AugmentTiming {
     pub case: String,
+    pub mode: AugmentMode,
     pub threads: usize,
     pub samples: usize,
     /// Wall time of the whole row.
@@ -197,39 +223,74 @@ fn synchronize(device: Device) {
 }
 
 /// Augments `count` samples (sample `i` is `samples[i % len]` with seed `derive_seed(seed, i)`) on
-/// `threads` workers, worker `w` taking every `threads`-th sample from `w`. Returns the wall time and the
-/// summed per-sample time.
+/// `threads` workers. Per sample, worker `w` takes every `threads`-th sample from `w`; batched, the samples are
+/// cut into consecutive batches and worker `w` takes every `threads`-th batch from `w`. Returns the wall time and
+/// the summed per-sample time.
 fn augment(
     pipeline: &Pipeline,
     samples: &[Sample],
     count: usize,
     threads: usize,
+    mode: AugmentMode,
     seed: u64,
     device: Device,
 ) -> Result<(f64, f64)> {
+    let group = match mode {
+        AugmentMode::PerSample => 1,
+        AugmentMode::Batched(size) => size.max(1),
+    };
+    let groups: Vec<Vec<usize>> = (0..count)
+        .collect::<Vec<_>>()
+        .chunks(group)
+        .map(<[usize]>::to_vec)
+        .collect();
     let started = Instant::now();
     let per_sample = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|worker| {
-                let work: Vec<(u64, Sample)> = (worker..count)
+                let work: Vec<Vec<(u64, Sample)>> = groups
+                    .iter()
+                    .skip(worker)
                     .step_by(threads)
-                    .map(|i| {
-                        (
-                            derive_seed(seed, i as u64),
-                            shallow_copy(&samples[i % samples.len()]),
-                        )
+                    .map(|indices| {
+                        indices
+                            .iter()
+                            .map(|&i| {
+                                (
+                                    derive_seed(seed, i as u64),
+                                    shallow_copy(&samples[i % samples.len()]),
+                                )
+                            })
+                            .collect()
                     })
                     .collect();
                 scope.spawn(move || -> Result<f64> {
                     tch::set_num_threads(1);
                     let mut busy = 0.0;
-                    for (sample_seed, sample) in work {
+                    for group in work {
                         let begun = Instant::now();
-                        let (augmented, _) =
-                            pipeline.apply_in(Phase::Training, sample, sample_seed)?;
-                        synchronize(device);
+                        match mode {
+                            AugmentMode::PerSample => {
+                                for (sample_seed, sample) in group {
+                                    let (augmented, _) =
+                                        pipeline.apply_in(Phase::Training, sample, sample_seed)?;
+                                    synchronize(device);
+                                    drop(augmented);
+                                }
+                            }
+                            AugmentMode::Batched(_) => {
+                                let (seeds, group): (Vec<u64>, Vec<Sample>) =
+                                    group.into_iter().unzip();
+                                let (augmented, _) = pipeline.apply_batch(
+                                    Phase::Training,
+                                    Batch::stack(group)?,
+                                    &seeds,
+                                )?;
+                                synchronize(device);
+                                drop(augmented);
+                            }
+                        }
                         busy += begun.elapsed().as_secs_f64();
-                        drop(augmented);
                     }
                     Ok(busy)
                 })
@@ -253,6 +314,7 @@ pub fn time_case(
     pipeline: &Pipeline,
     case: &AugmentCase,
     threads: usize,
+    mode: AugmentMode,
     warmup: usize,
     steps: usize,
     device: Device,
@@ -270,14 +332,24 @@ pub fn time_case(
         &case.samples,
         warmup,
         1,
+        mode,
         derive_seed(BENCH_SEED, u64::MAX),
         device,
     )
     .with_context(|| format!("bench: warming up on {}", case.name))?;
-    let (seconds, busy) = augment(pipeline, &case.samples, steps, threads, BENCH_SEED, device)
-        .with_context(|| format!("bench: augmenting {}", case.name))?;
+    let (seconds, busy) = augment(
+        pipeline,
+        &case.samples,
+        steps,
+        threads,
+        mode,
+        BENCH_SEED,
+        device,
+    )
+    .with_context(|| format!("bench: augmenting {}", case.name))?;
     Ok(AugmentTiming {
         case: case.name.clone(),
+        mode,
         threads,
         samples: steps,
         seconds,
@@ -315,26 +387,34 @@ pub fn run(
     writeln!(
         table,
         "augmentation ({}) on {}: {steps} samples per row after {warmup} warm-up; each worker thread \
-         augments whole samples with 1 libtorch thread",
+         augments whole samples (per sample) or whole batches of {BENCH_BATCH} (batched) with 1 libtorch thread",
         names.join(" > "),
         device::describe(device),
     )?;
     writeln!(
         table,
-        "{:<24} {:>8} {:>12} {:>10}",
-        "case", "threads", "samples/s", "ms/sample"
+        "{:<24} {:<14} {:>8} {:>12} {:>10}",
+        "case", "mode", "threads", "samples/s", "ms/sample"
     )?;
     for case in &cases {
-        for &count in &thread_counts(all) {
-            let timing = time_case(&pipeline, case, count, warmup, steps, device)?;
-            writeln!(
-                table,
-                "{:<24} {:>8} {:>12.1} {:>10.3}",
-                timing.case,
-                timing.threads,
-                timing.samples_per_second(),
-                timing.seconds_per_sample * 1e3
-            )?;
+        for mode in [AugmentMode::PerSample, AugmentMode::Batched(BENCH_BATCH)] {
+            for &count in &thread_counts(all) {
+                // Warm-up samples: at least one batch, so the batched rows start warm too.
+                let warm = match mode {
+                    AugmentMode::PerSample => warmup,
+                    AugmentMode::Batched(size) => warmup.max(size),
+                };
+                let timing = time_case(&pipeline, case, count, mode, warm, steps, device)?;
+                writeln!(
+                    table,
+                    "{:<24} {:<14} {:>8} {:>12.1} {:>10.3}",
+                    timing.case,
+                    timing.mode.label(),
+                    timing.threads,
+                    timing.samples_per_second(),
+                    timing.seconds_per_sample * 1e3
+                )?;
+            }
         }
     }
     Ok(table)

@@ -4,7 +4,7 @@ use crate::bids::BidsEntry;
 use crate::pipeline::{derive_seed, Phase, Pipeline};
 use crate::volume::{read_image, read_label, Volume};
 use anyhow::{bail, Context, Result};
-use ivado_sdk::Sample;
+use ivado_sdk::{Batch, Sample};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -203,34 +203,50 @@ impl SliceSet {
         device: Device,
     ) -> Result<(Tensor, Tensor)> {
         let epoch_seed = derive_seed(seed, epoch);
-        let mut images = Vec::with_capacity(indices.len());
-        let mut labels = Vec::with_capacity(indices.len());
-        for &index in indices {
-            let mut sample = Sample::new();
-            sample.insert("image", self.images.get(index));
-            sample.insert("label", self.labels.get(index));
-            sample.set_spacing(&self.spacing[index as usize]);
-            let (sample, _) = augment
-                .apply(sample, derive_seed(epoch_seed, index as u64))
-                .with_context(|| {
-                    format!(
-                        "augmenting a slice of {}",
-                        self.volumes[self.volume_of_slice[index as usize]]
-                    )
-                })?;
-            images.push(sample.get("image")?.shallow_clone());
-            labels.push(sample.get("label")?.ge(0.5).to_kind(Kind::Float));
+        if indices.is_empty() {
+            bail!("cannot augment an empty batch");
         }
-        let first = images[0].size();
-        if let Some(other) = images.iter().find(|t| t.size() != first) {
+        // The whole batch goes through each step at once (one plugin call per step); every slice still draws
+        // only from its own seed.
+        let index = Tensor::from_slice(indices);
+        let mut batch = Batch {
+            tensors: Default::default(),
+            metas: Vec::with_capacity(indices.len()),
+        };
+        batch.insert("image", self.images.index_select(0, &index));
+        batch.insert("label", self.labels.index_select(0, &index));
+        for &slice in indices {
+            let mut meta = Sample::new();
+            meta.set_spacing(&self.spacing[slice as usize]);
+            batch.metas.push(meta.meta);
+        }
+        let seeds: Vec<u64> = indices
+            .iter()
+            .map(|&slice| derive_seed(epoch_seed, slice as u64))
+            .collect();
+        let (batch, _) = augment
+            .apply_batch(Phase::Training, batch, &seeds)
+            .with_context(|| {
+                let mut volumes: Vec<&str> = indices
+                    .iter()
+                    .map(|&slice| self.volumes[self.volume_of_slice[slice as usize]].as_str())
+                    .collect();
+                volumes.dedup();
+                format!("augmenting a batch of slices of {}", volumes.join(", "))
+            })?;
+        let images = batch.get("image")?;
+        let labels = batch.get("label")?;
+        let expected = self.images.size();
+        if images.size()[1..] != expected[1..] || labels.size()[1..] != expected[1..] {
             bail!(
-                "the augmentation pipeline changed slice shapes ({first:?} vs {:?}); spatial augmentations must keep the shape",
-                other.size()
+                "the augmentation pipeline changed slice shapes ({:?} vs {:?}); spatial augmentations must keep the shape",
+                &expected[1..],
+                &images.size()[1..]
             );
         }
         Ok((
-            Tensor::stack(&images, 0).to_device(device),
-            Tensor::stack(&labels, 0).to_device(device),
+            images.to_device(device),
+            labels.ge(0.5).to_kind(Kind::Float).to_device(device),
         ))
     }
 

@@ -11,7 +11,7 @@
 use crate::plugin::{PluginRegistry, PluginTransform};
 use crate::script_transform::ScriptTransform;
 use anyhow::{anyhow, bail, Context, Result};
-use ivado_sdk::Sample;
+use ivado_sdk::{Batch, Sample};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -262,6 +262,26 @@ impl Step {
         }
     }
 
+    /// Applies the step to a whole batch: in one plugin call for plugin transforms, sample by sample for
+    /// script transforms (whose results must keep one layout to be stacked again).
+    fn apply_batch(&self, batch: Batch, seeds: &[u64]) -> Result<(Batch, Vec<Value>)> {
+        match &self.transform {
+            StepTransform::Plugin(transform) => transform.apply_batch(&batch, seeds),
+            StepTransform::Script(script) => {
+                let samples = batch.unstack()?;
+                let mut outputs = Vec::with_capacity(samples.len());
+                for (sample, &seed) in samples.into_iter().zip(seeds) {
+                    outputs.push(script.apply(sample, seed)?);
+                }
+                let count = outputs.len();
+                let batch = Batch::stack(outputs).context(
+                    "the script gave the samples of one batch different layouts, so they cannot be batched",
+                )?;
+                Ok((batch, vec![Value::Null; count]))
+            }
+        }
+    }
+
     fn undo(&self, sample: Sample, record: &Value) -> Result<Sample> {
         match &self.transform {
             StepTransform::Plugin(transform) => transform.undo(&sample, record),
@@ -350,6 +370,45 @@ fn split_visible(
     (visible, hidden, selected_any)
 }
 
+/// [`split_visible`] for a batch.
+fn split_visible_batch(
+    batch: Batch,
+    options: &StepOptions,
+) -> (Batch, BTreeMap<String, tch::Tensor>, bool) {
+    let mut visible = Batch {
+        tensors: BTreeMap::new(),
+        metas: batch.metas,
+    };
+    let mut hidden = BTreeMap::new();
+    let mut selected_any = false;
+    for (name, tensor) in batch.tensors {
+        if options.sees(&name) {
+            selected_any |= DataKind::of_tensor(&name).is_some();
+            visible.tensors.insert(name, tensor);
+        } else {
+            hidden.insert(name, tensor);
+        }
+    }
+    (visible, hidden, selected_any)
+}
+
+/// Whether samples can be stacked into one batch: same tensor names, shapes and kinds.
+fn same_layout(samples: &[Sample]) -> bool {
+    let Some(first) = samples.first() else {
+        return true;
+    };
+    samples.iter().skip(1).all(|sample| {
+        sample.tensors.len() == first.tensors.len()
+            && sample
+                .tensors
+                .iter()
+                .zip(&first.tensors)
+                .all(|((name, a), (other, b))| {
+                    name == other && a.size() == b.size() && a.kind() == b.kind()
+                })
+    })
+}
+
 impl Pipeline {
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
@@ -409,6 +468,83 @@ impl Pipeline {
             records.push(Some(record));
         }
         Ok((sample, records))
+    }
+
+    /// [`Pipeline::apply_in`] for a whole batch (`[B, ...]` tensors, sample `i` seeded by `seeds[i]`): each step
+    /// runs once on the batch, through the plugin's batched entry. A sample gets the same draws as
+    /// [`Pipeline::apply_in`] gives it alone with its seed, whatever else is in the batch. Returns the batch and
+    /// each sample's undo records.
+    pub fn apply_batch(
+        &self,
+        phase: Phase,
+        mut batch: Batch,
+        seeds: &[u64],
+    ) -> Result<(Batch, Vec<UndoRecords>)> {
+        if seeds.len() != batch.len() {
+            bail!(
+                "a batch of {} samples needs as many seeds, got {}",
+                batch.len(),
+                seeds.len()
+            );
+        }
+        let mut records: Vec<UndoRecords> = (0..batch.len())
+            .map(|_| Vec::with_capacity(self.steps.len()))
+            .collect();
+        if batch.is_empty() {
+            return Ok((batch, records));
+        }
+        for (index, step) in self.steps.iter().enumerate() {
+            let (visible, hidden, selected_any) = if step.options.runs_in(phase) {
+                split_visible_batch(batch, &step.options)
+            } else {
+                (batch, BTreeMap::new(), false)
+            };
+            if !selected_any {
+                batch = visible;
+                batch.tensors.extend(hidden);
+                records.iter_mut().for_each(|r| r.push(None));
+                continue;
+            }
+            let step_seeds: Vec<u64> = seeds
+                .iter()
+                .map(|&seed| derive_seed(seed, index as u64))
+                .collect();
+            let (mut next, step_records) = step
+                .apply_batch(visible, &step_seeds)
+                .with_context(|| format!("step {} {}", index + 1, step.label()))?;
+            next.tensors.extend(hidden);
+            batch = next;
+            for (sample_records, record) in records.iter_mut().zip(step_records) {
+                sample_records.push(Some(record));
+            }
+        }
+        Ok((batch, records))
+    }
+
+    /// Applies the pipeline to several samples: batched ([`Pipeline::apply_batch`]) when they share one layout
+    /// (tensor names, shapes and kinds), else one by one. Each sample gets the result it would get alone.
+    pub fn apply_samples(
+        &self,
+        phase: Phase,
+        samples: Vec<Sample>,
+        seeds: &[u64],
+    ) -> Result<Vec<(Sample, UndoRecords)>> {
+        if seeds.len() != samples.len() {
+            bail!(
+                "{} samples need as many seeds, got {}",
+                samples.len(),
+                seeds.len()
+            );
+        }
+        if !same_layout(&samples) {
+            return samples
+                .into_iter()
+                .zip(seeds)
+                .map(|(sample, &seed)| self.apply_in(phase, sample, seed))
+                .collect();
+        }
+        let (batch, records) = self.apply_batch(phase, Batch::stack(samples)?, seeds)?;
+        Ok(batch.unstack()?.into_iter().zip(records).collect())
     }
 
     /// Undoes, in reverse order, the steps that ran (per `records`) and that apply to label-space tensors:

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ivado_sdk::abi::{
     self, OwnedStr, PluginTable, SampleIn, SampleSink, Status, StrRef, TensorHandle, TensorSink,
 };
-use ivado_sdk::{Mode, Sample};
+use ivado_sdk::{Batch, Mode, Sample};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::ffi::c_void;
@@ -425,6 +425,44 @@ unsafe extern "C" fn sink_meta(ctx: *mut c_void, meta: StrRef) {
     }));
 }
 
+struct BatchBuilder {
+    batch: Batch,
+    meta_error: Option<String>,
+}
+
+unsafe extern "C" fn sink_batch_tensor(ctx: *mut c_void, name: StrRef, tensor: TensorHandle) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let builder = unsafe { &mut *(ctx as *mut BatchBuilder) };
+        builder.batch.insert(unsafe { name.as_str() }, unsafe {
+            Tensor::from_ptr(tensor)
+        });
+    }));
+}
+
+unsafe extern "C" fn sink_batch_meta(ctx: *mut c_void, meta: StrRef) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let builder = unsafe { &mut *(ctx as *mut BatchBuilder) };
+        let parsed = match serde_json::from_str::<Value>(unsafe { meta.as_str() }) {
+            Ok(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::Object(map) => Some(map),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
+        match parsed {
+            Some(metas) => builder.batch.metas = metas,
+            None => {
+                builder.meta_error = Some(
+                    "transform returned batch metadata that is not a JSON array of objects".into(),
+                )
+            }
+        }
+    }));
+}
+
 /// Borrowed view of a sample in the ABI's parallel-array form. Holds the buffers alive during a call.
 struct SampleArgs {
     names: Vec<String>,
@@ -443,6 +481,25 @@ impl SampleArgs {
             .map(|t| t.as_ptr() as TensorHandle)
             .collect();
         let meta = Value::Object(sample.meta.clone()).to_string();
+        Self {
+            names,
+            name_refs,
+            handles,
+            meta,
+        }
+    }
+
+    /// A batch: its stacked tensors, and its metadata as a JSON array of one object per sample.
+    fn of_batch(batch: &Batch) -> Self {
+        let names: Vec<String> = batch.tensors.keys().cloned().collect();
+        let name_refs = names.iter().map(|n| StrRef::from_str(n)).collect();
+        let handles = batch
+            .tensors
+            .values()
+            .map(|t| t.as_ptr() as TensorHandle)
+            .collect();
+        let meta =
+            Value::Array(batch.metas.iter().cloned().map(Value::Object).collect()).to_string();
         Self {
             names,
             name_refs,
@@ -532,6 +589,82 @@ impl PluginTransform {
             })?;
         let undo = self.library.take_string(undo);
         Ok((sample, serde_json::from_str(&undo).unwrap_or(Value::Null)))
+    }
+
+    /// Applies the transform to a batch (stacked `[B, ...]` tensors, one seed per sample) in one call; returns the
+    /// new batch and one undo record per sample.
+    pub fn apply_batch(&self, batch: &Batch, seeds: &[u64]) -> Result<(Batch, Vec<Value>)> {
+        if seeds.len() != batch.len() {
+            bail!(
+                "transform `{}`: a batch of {} samples needs as many seeds, got {}",
+                self.name,
+                batch.len(),
+                seeds.len()
+            );
+        }
+        let args = SampleArgs::of_batch(batch);
+        let what = format!("transform `{}` (batched)", self.name);
+        let mut builder = BatchBuilder {
+            batch: Batch {
+                tensors: Default::default(),
+                metas: Vec::new(),
+            },
+            meta_error: None,
+        };
+        let sink = SampleSink {
+            ctx: (&mut builder as *mut BatchBuilder).cast(),
+            push_tensor: sink_batch_tensor,
+            set_meta: sink_batch_meta,
+        };
+        let undo = self.library.call(&what, |err| {
+            let mut undo = OwnedStr::EMPTY;
+            let status = unsafe {
+                (self.library.table.transform_apply_batch)(
+                    self.handle,
+                    args.raw(),
+                    seeds.as_ptr(),
+                    seeds.len(),
+                    sink,
+                    &mut undo,
+                    err,
+                )
+            };
+            (status, undo)
+        })?;
+        let undo = self.library.take_string(undo);
+        if let Some(error) = builder.meta_error {
+            bail!("plugin `{}`: {what}: {error}", self.library.name);
+        }
+        let records = match serde_json::from_str::<Value>(&undo) {
+            Ok(Value::Array(records)) if records.len() == batch.len() => records,
+            _ => bail!(
+                "plugin `{}`: {what}: the undo records are not a JSON array of {} entries",
+                self.library.name,
+                batch.len()
+            ),
+        };
+        if builder.batch.metas.len() != batch.len() {
+            bail!(
+                "plugin `{}`: {what}: returned {} metadata objects for {} samples",
+                self.library.name,
+                builder.batch.metas.len(),
+                batch.len()
+            );
+        }
+        if let Some((name, tensor)) = builder
+            .batch
+            .tensors
+            .iter()
+            .find(|(_, t)| t.dim() == 0 || t.size()[0] != batch.len() as i64)
+        {
+            bail!(
+                "plugin `{}`: {what}: returned `{name}` of shape {:?} for a batch of {} samples",
+                self.library.name,
+                tensor.size(),
+                batch.len()
+            );
+        }
+        Ok((builder.batch, records))
     }
 
     /// Reverts [`PluginTransform::apply`] on `sample` (typically a prediction) given its undo record.

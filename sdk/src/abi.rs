@@ -17,7 +17,7 @@
 use std::ffi::c_void;
 
 /// Bumped on any change to [`PluginTable`] after its first field.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The one symbol a plugin exports, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"ivado_plugin_entry\0";
@@ -185,7 +185,8 @@ pub struct SampleSink {
 /// Device code for `model_create`: -1 is CPU, n >= 0 is CUDA device n.
 pub type DeviceCode = i64;
 
-/// The plugin table, ABI version 2 (2 replaced forward's `train` flag with a [`crate::Mode`] code).
+/// The plugin table, ABI version 3 (2 replaced forward's `train` flag with a [`crate::Mode`] code; 3 added
+/// `transform_apply_batch`).
 #[repr(C)]
 pub struct PluginTable {
     /// Must stay the first field.
@@ -241,6 +242,19 @@ pub struct PluginTable {
         err: *mut OwnedStr,
     ) -> Status,
     pub transform_drop: unsafe extern "C" fn(transform: *mut c_void),
+    /// Applies the transform to a batch of `n_seeds` samples at once: `batch` holds stacked `[B, ...]` tensors and,
+    /// as `meta_json`, a JSON array of the B samples' metadata objects; sample `i` draws only from `seeds[i]`.
+    /// `out` receives the stacked tensors and (through `set_meta`) the JSON array of the B new metadata objects;
+    /// `*undo` receives a JSON array of the B undo records.
+    pub transform_apply_batch: unsafe extern "C" fn(
+        transform: *mut c_void,
+        batch: SampleIn,
+        seeds: *const u64,
+        n_seeds: usize,
+        out: SampleSink,
+        undo: *mut OwnedStr,
+        err: *mut OwnedStr,
+    ) -> Status,
 }
 
 // SAFETY: the table is immutable after construction and only holds function pointers and static strings.

@@ -3,7 +3,7 @@
 //! turns them, and every error, into a message for the host.
 use crate::abi::*;
 use crate::error::first_line;
-use crate::{Architecture, Config, Mode, PluginError, Result, Sample, Transform};
+use crate::{Architecture, Batch, Config, Mode, PluginError, Result, Sample, Transform};
 use serde_json::{json, Map, Value};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -69,11 +69,15 @@ impl<A: Architecture> DynArchitecture for A {
 trait DynTransform: Send + Sync {
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value>;
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()>;
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>>;
 }
 
 impl<T: Transform> DynTransform for T {
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
         Transform::apply(self, sample, seed)
+    }
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        Transform::apply_batch(self, batch, seeds)
     }
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {
         Transform::undo(self, sample, record)
@@ -119,6 +123,7 @@ pub fn entry(build: fn() -> Registry) -> *const PluginTable {
             transform_apply,
             transform_undo,
             transform_drop,
+            transform_apply_batch,
         }) as *const PluginTable
     });
     result.unwrap_or(std::ptr::null())
@@ -434,6 +439,89 @@ unsafe extern "C" fn transform_apply(
         let record = transform.apply(&mut sample, seed)?;
         write_sample(sample, &out);
         unsafe { undo.write(OwnedStr::from_string(record.to_string())) };
+        Ok(())
+    })
+}
+
+/// The tensors of a `SampleIn` and its metadata as a JSON array of one object per sample.
+unsafe fn read_batch(batch: &SampleIn, expected: usize) -> Result<Batch> {
+    let tensors = unsafe { borrow_tensors(batch.tensors, batch.len)? };
+    let names: &[StrRef] = if batch.len == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(batch.names, batch.len) }
+    };
+    let metas = match serde_json::from_str(unsafe { batch.meta_json.as_str() }) {
+        Ok(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Object(map) => Ok(map),
+                _ => Err(PluginError::new(
+                    "batch metadata must be an array of JSON objects",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => {
+            return Err(PluginError::new(
+                "batch metadata is not a JSON array of objects",
+            ))
+        }
+    };
+    if metas.len() != expected {
+        return Err(PluginError(format!(
+            "a batch of {expected} seeds came with {} metadata objects",
+            metas.len()
+        )));
+    }
+    let mut result = Batch {
+        tensors: Default::default(),
+        metas,
+    };
+    for (name, tensor) in names.iter().zip(tensors) {
+        if tensor.dim() == 0 || tensor.size()[0] != expected as i64 {
+            return Err(PluginError(format!(
+                "batch tensor `{}` has shape {:?}, not [{expected}, ...]",
+                unsafe { name.as_str() },
+                tensor.size()
+            )));
+        }
+        result.insert(unsafe { name.as_str() }, tensor);
+    }
+    Ok(result)
+}
+
+unsafe extern "C" fn transform_apply_batch(
+    transform: *mut c_void,
+    batch: SampleIn,
+    seeds: *const u64,
+    n_seeds: usize,
+    out: SampleSink,
+    undo: *mut OwnedStr,
+    err: *mut OwnedStr,
+) -> Status {
+    guard(err, || {
+        let transform = unsafe { &*(transform as *const Box<dyn DynTransform>) };
+        let seeds: &[u64] = if n_seeds == 0 {
+            &[]
+        } else if seeds.is_null() {
+            return Err(PluginError::new("null seed array"));
+        } else {
+            unsafe { std::slice::from_raw_parts(seeds, n_seeds) }
+        };
+        let mut batch = unsafe { read_batch(&batch, n_seeds)? };
+        let records = transform.apply_batch(&mut batch, seeds)?;
+        if records.len() != n_seeds {
+            return Err(PluginError(format!(
+                "the transform returned {} undo records for a batch of {n_seeds} samples",
+                records.len()
+            )));
+        }
+        let metas = Value::Array(batch.metas.into_iter().map(Value::Object).collect()).to_string();
+        unsafe { (out.set_meta)(out.ctx, StrRef::from_str(&metas)) };
+        for (name, tensor) in batch.tensors {
+            unsafe { (out.push_tensor)(out.ctx, StrRef::from_str(&name), into_handle(tensor)) };
+        }
+        unsafe { undo.write(OwnedStr::from_string(Value::Array(records).to_string())) };
         Ok(())
     })
 }

@@ -14,6 +14,7 @@
 //! types here are shared by both.
 
 pub mod abi;
+mod batch;
 pub mod components;
 mod config;
 mod error;
@@ -23,6 +24,7 @@ pub mod log;
 mod sample;
 pub mod testing;
 
+pub use batch::{apply_as_batch, apply_each, check_seeds, Batch};
 pub use config::Config;
 pub use error::{PluginError, Result};
 pub use sample::Sample;
@@ -105,6 +107,16 @@ pub trait Transform: Send + Sync + 'static {
     /// Applies the transform in place. Random transforms draw only from `seed`, so the same seed gives the same
     /// result on every machine and thread count. Returns the undo record.
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<serde_json::Value>;
+
+    /// Applies the transform to every sample of `batch` (tensors `[B, ...]`), sample `i` drawing only from
+    /// `seeds[i]`, so a sample's result does not depend on the batch it is in. Returns one undo record per sample.
+    ///
+    /// The default calls [`Transform::apply`] on each sample and stacks the results again. Override it to
+    /// process the batch at once (one libtorch op per batch instead of per sample); [`apply_as_batch`] then
+    /// gives `apply` from it.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<serde_json::Value>> {
+        apply_each(self, batch, seeds)
+    }
 
     /// Reverts what [`Transform::apply`] did, given its record.
     fn undo(&self, sample: &mut Sample, record: &serde_json::Value) -> Result<()>;

@@ -1,8 +1,12 @@
 //! ivadomed's `RandomAffine`.
 use crate::random::{seeded, uniform};
-use crate::warp::{affine_grid, frame, invert_affine, warp_sample, Outside};
+use crate::warp::{
+    affine_grid, batch_frame, host_affine_grids, invert_affine, warp_batch, warp_sample, Outside,
+};
 use ivado_sdk::serde_json::{json, Value};
-use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 use rand::Rng;
 
 /// A random rotation, per-axis scaling and whole-voxel translation, drawn once per sample and applied to every
@@ -112,6 +116,54 @@ impl RandomAffine {
     }
 }
 
+impl RandomAffine {
+    /// One sample's draws from `seed` (angle, plane, scales, translation, in this order) and the voxel-index
+    /// matrix they give on a grid of `shape` voxels of `spacing` mm, with the undo record.
+    fn draw(
+        &self,
+        seed: u64,
+        rank: usize,
+        shape: &[i64],
+        spacing: &[f64],
+    ) -> Result<(Vec<Vec<f64>>, Value)> {
+        let mut rng = seeded(seed);
+        let angle = uniform(&mut rng, self.degrees.0, self.degrees.1);
+        let axes = if rank == 2 {
+            [0, 1]
+        } else {
+            [[0, 1], [0, 2], [1, 2]][rng.random_range(0..3usize)]
+        };
+        let scales: Vec<f64> = (0..rank)
+            .map(|k| {
+                let s = self.scale.get(k).copied().unwrap_or(0.0);
+                uniform(&mut rng, 1.0 - s, 1.0 + s)
+            })
+            .collect();
+        if let Some(bad) = scales.iter().find(|s| **s <= 0.0) {
+            return Err(PluginError(format!(
+                "{}: drew a scale factor of {bad}; `scale` entries must be below 1",
+                Self::NAME
+            )));
+        }
+        let translation: Vec<f64> = (0..rank)
+            .map(|k| {
+                let max = self.translate.get(k).copied().unwrap_or(0.0) * shape[k] as f64;
+                // `+ 0.0` turns -0 into 0 for a tidy record.
+                uniform(&mut rng, -max, max).round_ties_even() + 0.0
+            })
+            .collect();
+        let matrix = Self::index_matrix(angle, axes, &scales, &translation, shape, spacing);
+        let record = json!({
+            "matrix": matrix,
+            "angle": angle,
+            "axes": axes,
+            "scale": scales,
+            "translation": translation,
+        });
+        Ok((matrix, record))
+    }
+}
+
 impl Transform for RandomAffine {
     const NAME: &'static str = "RandomAffine";
     const SUMMARY: &'static str =
@@ -148,7 +200,17 @@ impl Transform for RandomAffine {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let frame = frame(sample, Self::NAME)?;
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Each sample draws its map from its own seed; one `affine_grid` and one `grid_sample` per tensor then
+    /// warp the whole batch.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let frame = batch_frame(batch, Self::NAME)?;
         let rank = frame.rank;
         if self.translate.len() > rank || self.scale.len() > rank {
             return Err(PluginError(format!(
@@ -158,55 +220,17 @@ impl Transform for RandomAffine {
                 self.scale
             )));
         }
-        let mut rng = seeded(seed);
-        let angle = uniform(&mut rng, self.degrees.0, self.degrees.1);
-        let axes = if rank == 2 {
-            [0, 1]
-        } else {
-            [[0, 1], [0, 2], [1, 2]][rng.random_range(0..3usize)]
-        };
-        let scales: Vec<f64> = (0..rank)
-            .map(|k| {
-                let s = self.scale.get(k).copied().unwrap_or(0.0);
-                uniform(&mut rng, 1.0 - s, 1.0 + s)
-            })
-            .collect();
-        if let Some(bad) = scales.iter().find(|s| **s <= 0.0) {
-            return Err(PluginError(format!(
-                "{}: drew a scale factor of {bad}; `scale` entries must be below 1",
-                Self::NAME
-            )));
+        let mut matrices = Vec::with_capacity(seeds.len());
+        let mut records = Vec::with_capacity(seeds.len());
+        for (&seed, spacing) in seeds.iter().zip(&frame.spacings) {
+            let (matrix, record) = self.draw(seed, rank, &frame.shape, spacing)?;
+            matrices.push(matrix);
+            records.push(record);
         }
-        let translation: Vec<f64> = (0..rank)
-            .map(|k| {
-                let max = self.translate.get(k).copied().unwrap_or(0.0) * frame.shape[k] as f64;
-                // `+ 0.0` turns -0 into 0 for a tidy record.
-                uniform(&mut rng, -max, max).round_ties_even() + 0.0
-            })
-            .collect();
-        let matrix = Self::index_matrix(
-            angle,
-            axes,
-            &scales,
-            &translation,
-            &frame.shape,
-            &frame.spacing,
-        );
-        let device = sample
-            .tensors
-            .values()
-            .next()
-            .map(|t| t.device())
-            .ok_or_else(|| PluginError(format!("{}: the sample has no tensors", Self::NAME)))?;
-        let grid = affine_grid(&matrix, &frame.shape, device)?;
-        warp_sample(sample, &grid, Outside::Zero)?;
-        Ok(json!({
-            "matrix": matrix,
-            "angle": angle,
-            "axes": axes,
-            "scale": scales,
-            "translation": translation,
-        }))
+        warp_batch(&mut batch.tensors, rank, &|work, device| {
+            host_affine_grids(&matrices, &frame.shape, work, device)
+        })?;
+        Ok(records)
     }
 
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {

@@ -1,10 +1,13 @@
 //! ivadomed's `ElasticTransform`.
-use crate::filters::{gaussian_filter, Border};
-use crate::random::{chance, probability_key, range_key, seeded, uniform, uniform_field};
-use crate::warp::{displacement_grid, frame, warp_sample, Outside};
+use crate::filters::{gaussian_filter_rows, Border};
+use crate::random::{chance, probability_key, range_key, seeded, uniform, uniform_values};
+use crate::warp::{batch_frame, convert_grid, displacement_grids, warp_batch, Outside};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Kind, Tensor};
-use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
+use std::collections::BTreeMap;
 
 /// A random elastic deformation (Simard et al. 2003), applied with probability `p`.
 ///
@@ -66,36 +69,82 @@ impl Transform for ElasticTransform {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let frame = frame(sample, Self::NAME)?;
-        let mut rng = seeded(seed);
-        if !chance(&mut rng, self.p) {
-            return Ok(json!({"applied": false}));
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Each sample draws from its own seed whether it is deformed, its `alpha`, `sigma` and noise; the fields of
+    /// the deformed samples are smoothed together (one batched product per axis, each with its own kernel) and
+    /// those samples warped in one `grid_sample` per tensor. The others are left untouched.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        let alpha = uniform(&mut rng, self.alpha_range.0, self.alpha_range.1);
-        let sigma = uniform(&mut rng, self.sigma_range.0, self.sigma_range.1);
-        let device = sample
-            .tensors
-            .values()
-            .next()
-            .map(|t| t.device())
-            .ok_or_else(|| PluginError(format!("{}: the sample has no tensors", Self::NAME)))?;
+        let frame = batch_frame(batch, Self::NAME)?;
         let rank = frame.rank;
-        let mut field_shape = vec![rank as i64];
-        field_shape.extend_from_slice(&frame.shape);
-        let noise = uniform_field(&mut rng, &field_shape, device)?.f_to_kind(Kind::Double)?;
-        let sigmas: Vec<f64> = frame.spacing.iter().map(|s| sigma / s).collect();
-        let smoothed = gaussian_filter(&noise, &sigmas, Border::Zero)?;
-        // alpha * smoothed noise is a displacement in mm; divide by the spacing of its axis for voxels.
-        let per_axis: Vec<f64> = frame.spacing.iter().map(|s| alpha / s).collect();
-        let mut scale_shape = vec![rank as i64];
+        let voxels: i64 = frame.shape.iter().product();
+        let mut records = Vec::with_capacity(seeds.len());
+        let mut deformed: Vec<i64> = Vec::new();
+        let mut noise: Vec<f32> = Vec::new();
+        let mut sigmas: Vec<Vec<f64>> = Vec::new();
+        let mut scales: Vec<f64> = Vec::new();
+        for (index, (&seed, spacing)) in seeds.iter().zip(&frame.spacings).enumerate() {
+            let mut rng = seeded(seed);
+            if !chance(&mut rng, self.p) {
+                records.push(json!({"applied": false}));
+                continue;
+            }
+            let alpha = uniform(&mut rng, self.alpha_range.0, self.alpha_range.1);
+            let sigma = uniform(&mut rng, self.sigma_range.0, self.sigma_range.1);
+            // One field of uniform noise in [-1, 1) per axis, drawn after alpha and sigma.
+            noise.extend(uniform_values(&mut rng, rank as i64 * voxels));
+            // Smoothing sigma in voxels per axis, the same for every displacement component of the sample.
+            let per_axis: Vec<f64> = spacing.iter().map(|s| sigma / s).collect();
+            sigmas.extend(std::iter::repeat_n(per_axis, rank));
+            // alpha * smoothed noise is a displacement in mm; divide by the spacing of its axis for voxels.
+            scales.extend(spacing.iter().map(|s| alpha / s));
+            deformed.push(index as i64);
+            records.push(json!({"applied": true, "alpha": alpha, "sigma": sigma}));
+        }
+        if deformed.is_empty() {
+            return Ok(records);
+        }
+        let count = deformed.len() as i64;
+        let mut rows_shape = vec![count * rank as i64];
+        rows_shape.extend_from_slice(&frame.shape);
+        // float32 throughout: the displacements need far less than float32's precision.
+        let fields = Tensor::f_from_slice(&noise)?
+            .f_reshape(rows_shape.as_slice())?
+            .f_to_device(frame.device)?;
+        let smoothed = gaussian_filter_rows(&fields, &sigmas, Border::Zero)?;
+        let mut scale_shape = vec![count * rank as i64];
         scale_shape.resize(rank + 1, 1);
-        let scale = Tensor::f_from_slice(&per_axis)?
+        let scale = Tensor::f_from_slice(&scales)?
+            .f_to_kind(Kind::Float)?
             .f_reshape(scale_shape.as_slice())?
-            .f_to_device(device)?;
-        let displacement = smoothed.f_mul(&scale)?;
-        let grid = displacement_grid(&displacement)?;
-        warp_sample(sample, &grid, Outside::Reflect)?;
-        Ok(json!({"applied": true, "alpha": alpha, "sigma": sigma}))
+            .f_to_device(frame.device)?;
+        let mut field_shape = vec![count, rank as i64];
+        field_shape.extend_from_slice(&frame.shape);
+        let displacement = smoothed.f_mul(&scale)?.f_reshape(field_shape.as_slice())?;
+        let grid = displacement_grids(&displacement)?;
+        let grid_in =
+            |work, device| convert_grid(&grid, &frame.shape, Outside::Reflect, work, device);
+        if deformed.len() == batch.len() {
+            warp_batch(&mut batch.tensors, rank, &grid_in)?;
+            return Ok(records);
+        }
+        let rows = Tensor::f_from_slice(&deformed)?.f_to_device(frame.device)?;
+        let mut subset: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, tensor) in &batch.tensors {
+            subset.insert(name.clone(), tensor.f_index_select(0, &rows)?);
+        }
+        warp_batch(&mut subset, rank, &grid_in)?;
+        for (name, warped) in subset {
+            let tensor = batch.get(&name)?;
+            let merged = tensor.f_index_copy(0, &rows, &warped)?;
+            batch.insert(name, merged);
+        }
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Shape checks, undo-record parsing and interpolation shared by the spatial transforms.
 use ivado_sdk::serde_json::Value;
 use ivado_sdk::tch::{Kind, Tensor};
-use ivado_sdk::{PluginError, Result, Sample};
+use ivado_sdk::{Batch, PluginError, Result, Sample};
 
 /// The spatial shape shared by every tensor of `sample`, whose trailing `rank` axes are spatial.
 ///
@@ -25,6 +25,41 @@ pub fn spatial_shape(sample: &Sample, rank: usize, who: &str) -> Result<Vec<i64>
             )));
         }
         let spatial = shape[shape.len() - rank..].to_vec();
+        match &reference {
+            None => reference = Some((name, spatial)),
+            Some((first, expected)) if *expected != spatial => {
+                return Err(PluginError(format!(
+                    "{who}: tensors disagree on the spatial shape: `{first}` has {expected:?}, `{name}` has {spatial:?}"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    reference
+        .map(|(_, shape)| shape)
+        .ok_or_else(|| PluginError(format!("{who}: the sample has no tensors")))
+}
+
+/// [`spatial_shape`] of a batch (tensors `[B, ...]`): the spatial shape every sample shares. Messages show one
+/// sample's shapes, without the batch axis.
+pub fn batch_spatial_shape(batch: &Batch, rank: usize, who: &str) -> Result<Vec<i64>> {
+    let mut reference: Option<(&str, Vec<i64>)> = None;
+    for (name, tensor) in &batch.tensors {
+        let shape = tensor.size();
+        let one = shape.get(1..).unwrap_or_default();
+        if name == "image" && one.len() != rank + 1 {
+            return Err(PluginError(format!(
+                "{who}: configured for {rank}D, so `image` must have {} dims ([C, {}]), got shape {one:?}",
+                rank + 1,
+                if rank == 2 { "H, W" } else { "D, H, W" }
+            )));
+        }
+        if one.len() < rank {
+            return Err(PluginError(format!(
+                "{who}: configured for {rank}D, but tensor `{name}` has shape {one:?} with fewer than {rank} dims"
+            )));
+        }
+        let spatial = one[one.len() - rank..].to_vec();
         match &reference {
             None => reference = Some((name, spatial)),
             Some((first, expected)) if *expected != spatial => {

@@ -5,14 +5,16 @@
 //! as a no-op (a prediction carries no intensity change to revert). ivadomed runs them on each contrast (channel)
 //! separately, drawing the random parameters anew for each; so do these: channel c of `image` `[C, ...]` gets its
 //! own draws, in channel order from the one seeded stream. Integer images come out as float32.
-use crate::filters::{gaussian_filter, Border};
+use crate::filters::{gaussian_filter_rows, Border};
 use crate::geometry::is_float;
 use crate::random::{
-    chance, non_negative_key, normal_field, probability_key, range_key, seeded, uniform, SeededRng,
+    chance, non_negative_key, normal_values, probability_key, range_key, seeded, uniform,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
-use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 
 /// The kind an intensity transform writes: the image's own float kind, else float32.
 fn output_kind(image: &Tensor) -> Result<Kind> {
@@ -20,20 +22,32 @@ fn output_kind(image: &Tensor) -> Result<Kind> {
     Ok(if is_float(kind) { kind } else { Kind::Float })
 }
 
-/// Checks `image` is channels-first with at least one spatial axis and returns its channel count.
-fn channel_count(image: &Tensor, who: &str) -> Result<i64> {
+/// The batch's `image` (`[B, C, ...]`), checked to be channels-first with at least one spatial axis per sample,
+/// and its channel count; `None` when the batch has no image.
+fn batch_image<'a>(batch: &'a Batch, who: &str) -> Result<Option<(&'a Tensor, i64)>> {
+    let Some(image) = batch.tensors.get("image") else {
+        return Ok(None);
+    };
     let shape = image.size();
-    if shape.len() < 2 || image.numel() == 0 {
+    if shape.len() < 3 || image.numel() == 0 {
         return Err(PluginError(format!(
-            "{who}: `image` must be a non-empty [C, ...] tensor, got shape {shape:?}"
+            "{who}: `image` must be a non-empty [C, ...] tensor, got shape {:?}",
+            shape.get(1..).unwrap_or_default()
         )));
     }
-    Ok(shape[0])
+    Ok(Some((image, shape[1])))
 }
 
-/// `[C, 1, 1, ...]` tensor of per-channel values for broadcasting against a `dims`-dimensional image.
-fn per_channel(values: &[f64], dims: usize, kind: Kind, device: Device) -> Result<Tensor> {
-    let mut shape = vec![values.len() as i64];
+/// `[B, C, 1, 1, ...]` tensor of per-(sample, channel) values (`values[b * C + c]`) for broadcasting against a
+/// `dims`-dimensional batch image.
+fn per_channel(
+    values: &[f64],
+    channels: i64,
+    dims: usize,
+    kind: Kind,
+    device: Device,
+) -> Result<Tensor> {
+    let mut shape = vec![values.len() as i64 / channels.max(1), channels];
     shape.resize(dims, 1);
     Ok(Tensor::f_from_slice(values)?
         .f_reshape(shape.as_slice())?
@@ -41,23 +55,36 @@ fn per_channel(values: &[f64], dims: usize, kind: Kind, device: Device) -> Resul
         .f_to_device(device)?)
 }
 
-/// Runs `change` on every channel of `image` for which it returns `Some`, keeping the others as they are.
-fn map_channels(
+/// Replaces the (sample, channel) rows `rows` (`b * C + c`) of `image` (`[B, C, ...]`) by `change` of them (a
+/// `[rows, ...]` tensor in the output kind), keeping the others; the image comes back in its output kind.
+fn change_rows(
     image: &Tensor,
-    who: &str,
-    mut change: impl FnMut(&Tensor) -> Result<Option<Tensor>>,
+    rows: &[i64],
+    change: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let channels = channel_count(image, who)?;
     let kind = output_kind(image)?;
-    let mut outputs = Vec::with_capacity(channels as usize);
-    for c in 0..channels {
-        let channel = image.f_select(0, c)?.f_to_kind(kind)?;
-        outputs.push(match change(&channel)? {
-            Some(changed) => changed.f_to_kind(kind)?,
-            None => channel,
-        });
+    let shape = image.size();
+    let mut flat_shape = vec![shape[0] * shape[1]];
+    flat_shape.extend_from_slice(&shape[2..]);
+    let flat = image.f_to_kind(kind)?.f_reshape(flat_shape.as_slice())?;
+    if rows.is_empty() {
+        return Ok(flat.f_reshape(shape.as_slice())?);
     }
-    Ok(Tensor::f_stack(&outputs, 0)?)
+    let index = Tensor::f_from_slice(rows)?.f_to_device(image.device())?;
+    let changed = change(&flat.f_index_select(0, &index)?)?.f_to_kind(kind)?;
+    Ok(flat
+        .f_index_copy(0, &index, &changed)?
+        .f_reshape(shape.as_slice())?)
+}
+
+/// `[rows, 1, 1, ...]` tensor of per-row values for broadcasting against `dims`-dimensional rows.
+fn per_row(values: &[f64], dims: usize, kind: Kind, device: Device) -> Result<Tensor> {
+    let mut shape = vec![values.len() as i64];
+    shape.resize(dims, 1);
+    Ok(Tensor::f_from_slice(values)?
+        .f_reshape(shape.as_slice())?
+        .f_to_kind(kind)?
+        .f_to_device(device)?)
 }
 
 /// ivadomed's `RandomShiftIntensity`: with probability `prob`, adds an offset uniform in `shift_range`.
@@ -83,29 +110,36 @@ impl Transform for RandomShiftIntensity {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+        apply_as_batch(self, sample, seed)
+    }
+
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some((image, channels)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
         };
-        let channels = channel_count(image, Self::NAME)?;
-        let mut rng = seeded(seed);
-        let offsets: Vec<f64> = (0..channels)
-            .map(|_| {
-                if chance(&mut rng, self.prob) {
+        let mut offsets = Vec::with_capacity(seeds.len() * channels as usize);
+        for &seed in seeds {
+            let mut rng = seeded(seed);
+            for _ in 0..channels {
+                offsets.push(if chance(&mut rng, self.prob) {
                     uniform(&mut rng, self.shift_range.0, self.shift_range.1)
                 } else {
                     0.0
-                }
-            })
-            .collect();
+                });
+            }
+        }
         let kind = output_kind(image)?;
         let shifted = image.f_to_kind(kind)?.f_add(&per_channel(
             &offsets,
+            channels,
             image.dim(),
             kind,
             image.device(),
         )?)?;
-        sample.insert("image", shifted);
-        Ok(Value::Null)
+        batch.insert("image", shifted);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
@@ -142,17 +176,34 @@ impl Transform for AdditiveGaussianNoise {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Each sample's noise comes from its own seed; the batch's noise is added in one op.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some((image, _)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
         };
-        channel_count(image, Self::NAME)?;
-        let mut rng = seeded(seed);
-        // ivadomed draws the noise as float32 too.
-        let noise = normal_field(&mut rng, self.mean, self.std, &image.size(), image.device())?;
+        let per_sample = image.numel() as i64 / seeds.len() as i64;
+        let mut values = Vec::with_capacity(image.numel());
+        for &seed in seeds {
+            // ivadomed draws the noise as float32 too.
+            values.extend(normal_values(
+                &mut seeded(seed),
+                self.mean,
+                self.std,
+                per_sample,
+            )?);
+        }
+        let noise = Tensor::f_from_slice(&values)?
+            .f_reshape(image.size().as_slice())?
+            .f_to_device(image.device())?;
         let kind = output_kind(image)?;
         let noisy = image.f_to_kind(kind)?.f_add(&noise.f_to_kind(kind)?)?;
-        sample.insert("image", noisy);
-        Ok(Value::Null)
+        batch.insert("image", noisy);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
@@ -208,13 +259,20 @@ impl Transform for HistogramClipping {
         })
     }
 
-    fn apply(&self, sample: &mut Sample, _seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+    fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// All channels of all samples are sorted in one op; each gets its own limits.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some((image, channels)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
         };
-        let channels = channel_count(image, Self::NAME)?;
         let kind = output_kind(image)?;
-        let flat = image.f_to_kind(kind)?.f_reshape([channels, -1])?;
+        let rows = image.size()[0] * channels;
+        let flat = image.f_to_kind(kind)?.f_reshape([rows, -1])?;
         let count = flat.size()[1];
         let (sorted, _) = flat.f_sort(1, false)?;
         // Only the two neighbouring order statistics of each percentile come back to the host.
@@ -246,10 +304,10 @@ impl Transform for HistogramClipping {
         let device = image.device();
         let clipped = image
             .f_to_kind(kind)?
-            .f_clamp_min_tensor(&per_channel(&lows, dims, kind, device)?)?
-            .f_clamp_max_tensor(&per_channel(&highs, dims, kind, device)?)?;
-        sample.insert("image", clipped);
-        Ok(Value::Null)
+            .f_clamp_min_tensor(&per_channel(&lows, channels, dims, kind, device)?)?
+            .f_clamp_max_tensor(&per_channel(&highs, channels, dims, kind, device)?)?;
+        batch.insert("image", clipped);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
@@ -281,24 +339,44 @@ impl Transform for RandomGamma {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Draws per sample and channel from the sample's seed; the channels drawn to change are powered together.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some((image, channels)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
         };
-        let mut rng = seeded(seed);
-        let out = map_channels(image, Self::NAME, |channel| {
-            if !chance(&mut rng, self.p) {
-                return Ok(None);
+        let mut rows = Vec::new();
+        let mut gammas = Vec::new();
+        for (b, &seed) in seeds.iter().enumerate() {
+            let mut rng = seeded(seed);
+            for c in 0..channels {
+                if chance(&mut rng, self.p) {
+                    rows.push(b as i64 * channels + c);
+                    gammas.push(
+                        uniform(&mut rng, self.log_gamma_range.0, self.log_gamma_range.1).exp(),
+                    );
+                }
             }
-            let gamma = uniform(&mut rng, self.log_gamma_range.0, self.log_gamma_range.1).exp();
-            let powered = channel
+        }
+        let out = change_rows(image, &rows, |selected| {
+            let gamma = per_row(
+                &gammas,
+                selected.dim(),
+                selected.f_kind()?,
+                selected.device(),
+            )?;
+            Ok(selected
                 .f_abs()?
-                .f_pow_tensor_scalar(gamma)?
-                .f_mul(&channel.f_sign()?)?
-                .f_nan_to_num(None, None, None)?;
-            Ok(Some(powered))
+                .f_pow(&gamma)?
+                .f_mul(&selected.f_sign()?)?
+                .f_nan_to_num(None, None, None)?)
         })?;
-        sample.insert("image", out);
-        Ok(Value::Null)
+        batch.insert("image", out);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
@@ -321,16 +399,11 @@ pub struct RandomBiasField {
 const MAX_ORDER: usize = 10;
 
 impl RandomBiasField {
-    /// The multiplicative field `exp(polynomial)` on `shape` (2D or 3D), coefficients in torchio's order (x outer,
-    /// then y, then z), in float64.
-    pub fn field(
-        shape: &[i64],
-        order: usize,
-        coefficients: &[f64],
-        device: Device,
-    ) -> Result<Tensor> {
+    /// The monomials `x^i y^j (z^k)` with `i + j (+ k) <= order` on `shape` (2D or 3D), one row of voxels per
+    /// term in torchio's coefficient order (x outer, then y, then z), in float64: `coefficients @ basis` is the
+    /// log of the field. Coordinates run from -1 to 1 across each axis (voxel centres), 0 on a one-voxel axis.
+    pub fn basis(shape: &[i64], order: usize, device: Device) -> Result<Tensor> {
         let rank = shape.len();
-        // Axis coordinates (i - (n-1)/2) / ((n-1)/2), 0 on a one-voxel axis, shaped to broadcast.
         let mut axes = Vec::with_capacity(rank);
         for (k, &n) in shape.iter().enumerate() {
             let half = (n as f64 - 1.0) / 2.0;
@@ -351,17 +424,13 @@ impl RandomBiasField {
                     .f_to_device(device)?,
             );
         }
-        let mut log_field = Tensor::f_zeros(shape, (Kind::Double, device))?;
-        let mut next = coefficients.iter();
+        let mut terms = Vec::new();
         let mut add_term = |powers: &[usize]| -> Result<()> {
-            let coefficient = *next
-                .next()
-                .ok_or_else(|| PluginError::new("RandomBiasField: too few coefficients"))?;
-            let mut term = Tensor::f_from_slice(&[coefficient])?.f_to_device(device)?;
+            let mut term = Tensor::f_ones(shape, (Kind::Double, device))?;
             for (axis, &power) in axes.iter().zip(powers) {
                 term = term.f_mul(&axis.f_pow_tensor_scalar(power as f64)?)?;
             }
-            log_field = log_field.f_add(&term)?;
+            terms.push(term.f_reshape([-1])?);
             Ok(())
         };
         for x in 0..=order {
@@ -375,7 +444,7 @@ impl RandomBiasField {
                 }
             }
         }
-        Ok(log_field.f_exp()?)
+        Ok(Tensor::f_stack(&terms, 0)?)
     }
 
     /// How many coefficients a polynomial of `order` has in `rank` dimensions.
@@ -435,33 +504,60 @@ impl Transform for RandomBiasField {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Draws per sample and channel from the sample's seed; the fields of every channel drawn to change come from
+    /// one product of their coefficients with the shared monomial basis.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some(image) = batch.tensors.get("image") else {
+            return Ok(records);
         };
         let shape = image.size();
-        let rank = shape.len().saturating_sub(1);
+        let rank = shape.len().saturating_sub(2);
         if !(rank == 2 || rank == 3) {
             return Err(PluginError(format!(
-                "{}: `image` must be [C, H, W] or [C, D, H, W], got {shape:?}",
-                Self::NAME
+                "{}: `image` must be [C, H, W] or [C, D, H, W], got {:?}",
+                Self::NAME,
+                shape.get(1..).unwrap_or_default()
             )));
         }
+        let Some((image, channels)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
+        };
         let terms = Self::term_count(self.order, rank);
-        let mut rng = seeded(seed);
-        let out = map_channels(image, Self::NAME, |channel| {
-            if !chance(&mut rng, self.p) {
-                return Ok(None);
+        let mut rows = Vec::new();
+        let mut coefficients = Vec::new();
+        for (b, &seed) in seeds.iter().enumerate() {
+            let mut rng = seeded(seed);
+            for c in 0..channels {
+                if chance(&mut rng, self.p) {
+                    rows.push(b as i64 * channels + c);
+                    coefficients.extend(
+                        (0..terms)
+                            .map(|_| uniform(&mut rng, self.coefficients.0, self.coefficients.1)),
+                    );
+                }
             }
-            let coefficients: Vec<f64> = (0..terms)
-                .map(|_| uniform(&mut rng, self.coefficients.0, self.coefficients.1))
-                .collect();
+        }
+        let spatial = &shape[2..];
+        let out = change_rows(image, &rows, |selected| {
+            let basis = Self::basis(spatial, self.order, selected.device())?;
+            let coefficients = Tensor::f_from_slice(&coefficients)?
+                .f_reshape([rows.len() as i64, terms as i64])?
+                .f_to_device(selected.device())?;
             // torchio multiplies by the field cast to float32.
-            let field = Self::field(&shape[1..], self.order, &coefficients, channel.device())?
-                .f_to_kind(Kind::Float)?;
-            Ok(Some(channel.f_mul(&field)?))
+            let fields = coefficients
+                .f_matmul(&basis)?
+                .f_exp()?
+                .f_to_kind(Kind::Float)?
+                .f_reshape(selected.size().as_slice())?;
+            Ok(selected.f_mul(&fields)?)
         })?;
-        sample.insert("image", out);
-        Ok(Value::Null)
+        batch.insert("image", out);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
@@ -501,31 +597,41 @@ impl Transform for RandomBlur {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Draws per sample and channel from the sample's seed; every channel drawn to blur is filtered in one
+    /// batched product per axis, each with its own kernel.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let records = vec![Value::Null; seeds.len()];
+        let Some((image, channels)) = batch_image(batch, Self::NAME)? else {
+            return Ok(records);
         };
-        let rank = image.dim().saturating_sub(1);
-        let spacing = sample.checked_spacing(rank, Self::NAME)?;
-        let mut rng: SeededRng = seeded(seed);
-        let out = map_channels(image, Self::NAME, |channel| {
-            if !chance(&mut rng, self.p) {
-                return Ok(None);
+        let rank = image.dim() - 2;
+        let spacings = batch.checked_spacings(rank, Self::NAME)?;
+        let mut rows = Vec::new();
+        let mut sigmas = Vec::new();
+        for (b, (&seed, spacing)) in seeds.iter().zip(&spacings).enumerate() {
+            let mut rng = seeded(seed);
+            for c in 0..channels {
+                if chance(&mut rng, self.p) {
+                    let sigma = uniform(&mut rng, self.sigma_range.0, self.sigma_range.1);
+                    rows.push(b as i64 * channels + c);
+                    sigmas.push(spacing.iter().map(|s| sigma / s).collect::<Vec<f64>>());
+                }
             }
-            let sigma = uniform(&mut rng, self.sigma_range.0, self.sigma_range.1);
-            let sigmas: Vec<f64> = spacing.iter().map(|s| sigma / s).collect();
-            let work = if channel.f_kind()? == Kind::Double {
+        }
+        let out = change_rows(image, &rows, |selected| {
+            let work = if selected.f_kind()? == Kind::Double {
                 Kind::Double
             } else {
                 Kind::Float
             };
-            Ok(Some(gaussian_filter(
-                &channel.f_to_kind(work)?,
-                &sigmas,
-                Border::Symmetric,
-            )?))
+            gaussian_filter_rows(&selected.f_to_kind(work)?, &sigmas, Border::Symmetric)
         })?;
-        sample.insert("image", out);
-        Ok(Value::Null)
+        batch.insert("image", out);
+        Ok(records)
     }
 
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {

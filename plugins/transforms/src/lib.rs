@@ -19,6 +19,8 @@
 //! sample's tensors live, CPU or GPU.
 
 mod affine;
+#[cfg(test)]
+mod batch_tests;
 mod clahe;
 mod crop;
 mod dilate;

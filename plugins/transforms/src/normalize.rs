@@ -2,7 +2,9 @@
 use crate::geometry::{is_float, record_floats};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
-use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 
 /// Standardises `image` with its own statistics: `(x - mean) / std`, per channel over all its voxels.
 ///
@@ -13,17 +15,13 @@ use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
 pub struct NormalizeInstance;
 
 impl NormalizeInstance {
-    /// Per-channel (mean, divisor) of a `[C, ...]` tensor, computed in float64.
-    fn statistics(image: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
-        let channels = image.size().first().copied().unwrap_or(1);
-        let flat = image.f_to_kind(Kind::Double)?.f_reshape([channels, -1])?;
-        let mean = flat.f_mean_dim(Some([1i64].as_slice()), true, None::<Kind>)?;
-        let variance = flat.f_sub(&mean)?.f_square()?.f_mean_dim(
-            Some([1i64].as_slice()),
-            false,
-            None::<Kind>,
-        )?;
-        let means = Vec::<f64>::try_from(&mean.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+    /// Per-row (mean, divisor) of a `[R, ...]` tensor, computed in float64.
+    fn statistics(rows: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+        let count = rows.size().first().copied().unwrap_or(1);
+        let flat = rows.f_to_kind(Kind::Double)?.f_reshape([count, -1])?;
+        // Population variance (correction 0) and mean in one pass.
+        let (variance, mean) = flat.f_var_mean_correction(Some([1i64].as_slice()), 0, false)?;
+        let means = Vec::<f64>::try_from(&mean.f_to_device(Device::Cpu)?)?;
         let variances = Vec::<f64>::try_from(&variance.f_to_device(Device::Cpu)?)?;
         let divisors = means
             .iter()
@@ -63,29 +61,55 @@ impl Transform for NormalizeInstance {
         Ok(Self)
     }
 
-    fn apply(&self, sample: &mut Sample, _seed: u64) -> Result<Value> {
-        let Some(image) = sample.tensors.get("image") else {
-            return Ok(Value::Null);
+    fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Every channel of every sample gets its own statistics, all computed in one reduction.
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        let Some(image) = batch.tensors.get("image") else {
+            return Ok(vec![Value::Null; seeds.len()]);
         };
-        if image.dim() == 0 || image.numel() == 0 {
+        let shape = image.size();
+        if shape.len() < 2 || image.numel() == 0 {
             return Err(PluginError(format!(
                 "{}: `image` is empty (shape {:?})",
                 Self::NAME,
-                image.size()
+                shape.get(1..).unwrap_or_default()
             )));
         }
-        let (means, divisors) = Self::statistics(image)?;
+        let (samples, channels) = (shape[0], shape[1]);
+        let (means, divisors) = Self::statistics(&image.f_reshape([samples * channels, -1])?)?;
         let kind = image.f_kind()?;
         let out_kind = if is_float(kind) { kind } else { Kind::Float };
-        let dims = image.dim();
+        // float32 images are standardised in float32 (statistics from float64); others in float64.
+        let work = if kind == Kind::Float {
+            Kind::Float
+        } else {
+            Kind::Double
+        };
         let device = image.device();
+        let mut per_channel = vec![samples, channels];
+        per_channel.resize(shape.len(), 1);
+        let as_tensor = |values: &[f64]| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(values)?
+                .f_reshape(per_channel.as_slice())?
+                .f_to_kind(work)?
+                .f_to_device(device)?)
+        };
         let normalized = image
-            .f_to_kind(Kind::Double)?
-            .f_sub(&Self::per_channel(&means, dims, device)?)?
-            .f_div(&Self::per_channel(&divisors, dims, device)?)?
+            .f_to_kind(work)?
+            .f_sub(&as_tensor(&means)?)?
+            .f_div(&as_tensor(&divisors)?)?
             .f_to_kind(out_kind)?;
-        sample.insert("image", normalized);
-        Ok(json!({"mean": means, "std": divisors}))
+        batch.insert("image", normalized);
+        let channels = channels as usize;
+        Ok(means
+            .chunks(channels)
+            .zip(divisors.chunks(channels))
+            .map(|(mean, std)| json!({"mean": mean, "std": std}))
+            .collect())
     }
 
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {

@@ -3,7 +3,6 @@
 //! Every random transform draws from one ChaCha8 stream seeded with the `seed` that `apply` receives, on the host,
 //! in a fixed order. Noise fields are drawn host-side too and then copied to the tensor's device, so the result is
 //! the same for a seed on every device and thread count, whatever else uses libtorch's global generator.
-use ivado_sdk::tch::{Device, Tensor};
 use ivado_sdk::{Config, PluginError, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,35 +24,21 @@ pub fn chance(rng: &mut SeededRng, p: f64) -> bool {
     rng.random::<f64>() < p
 }
 
-/// A float32 tensor of `shape` with values uniform in `[-1, 1)`, drawn host-side, on `device`.
-pub fn uniform_field(rng: &mut SeededRng, shape: &[i64], device: Device) -> Result<Tensor> {
-    let count: i64 = shape.iter().product();
-    let values: Vec<f32> = (0..count)
+/// `count` float32 values uniform in `[-1, 1)`, drawn host-side.
+pub fn uniform_values(rng: &mut SeededRng, count: i64) -> Vec<f32> {
+    (0..count)
         .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-        .collect();
-    Ok(Tensor::f_from_slice(&values)?
-        .f_reshape(shape)?
-        .f_to_device(device)?)
+        .collect()
 }
 
-/// A float32 tensor of `shape` with values drawn from N(`mean`, `std`²) host-side, on `device`.
-pub fn normal_field(
-    rng: &mut SeededRng,
-    mean: f64,
-    std: f64,
-    shape: &[i64],
-    device: Device,
-) -> Result<Tensor> {
+/// `count` float32 values drawn from N(`mean`, `std`²) host-side.
+pub fn normal_values(rng: &mut SeededRng, mean: f64, std: f64, count: i64) -> Result<Vec<f32>> {
     let normal = Normal::new(mean as f32, std as f32).map_err(|e| {
         PluginError(format!(
             "invalid normal distribution N({mean}, {std}²): {e}"
         ))
     })?;
-    let count: i64 = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|_| normal.sample(rng)).collect();
-    Ok(Tensor::f_from_slice(&values)?
-        .f_reshape(shape)?
-        .f_to_device(device)?)
+    Ok((0..count).map(|_| normal.sample(rng)).collect())
 }
 
 /// A `[low, high]` range config key (`alpha_range`, `sigma_range`, ...): two finite numbers with `low <= high`.

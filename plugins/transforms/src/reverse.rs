@@ -1,9 +1,12 @@
 //! ivadomed's `RandomReverse`.
-use crate::geometry::spatial_shape;
+use crate::geometry::{batch_spatial_shape, spatial_shape};
 use crate::random::seeded;
-use crate::warp::sample_rank;
+use crate::warp::batch_rank;
 use ivado_sdk::serde_json::{json, Value};
-use ivado_sdk::{Config, PluginError, Result, Sample, Transform};
+use ivado_sdk::tch::Tensor;
+use ivado_sdk::{
+    apply_as_batch, check_seeds, Batch, Config, PluginError, Result, Sample, Transform,
+};
 use rand::Rng;
 
 /// Flips each spatial axis with probability 0.5, the same axes for every tensor of the sample. The record lists
@@ -42,12 +45,52 @@ impl Transform for RandomReverse {
     }
 
     fn apply(&self, sample: &mut Sample, seed: u64) -> Result<Value> {
-        let rank = sample_rank(sample, Self::NAME)?;
-        spatial_shape(sample, rank, Self::NAME)?;
-        let mut rng = seeded(seed);
-        let flipped: Vec<bool> = (0..rank).map(|_| rng.random::<bool>()).collect();
-        flip_all(sample, &flipped)?;
-        Ok(json!({"flipped": flipped}))
+        apply_as_batch(self, sample, seed)
+    }
+
+    /// Samples drawing the same flips are flipped together (at most 8 groups, whatever the batch size).
+    fn apply_batch(&self, batch: &mut Batch, seeds: &[u64]) -> Result<Vec<Value>> {
+        check_seeds(batch, seeds)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rank = batch_rank(batch, Self::NAME)?;
+        batch_spatial_shape(batch, rank, Self::NAME)?;
+        let draws: Vec<Vec<bool>> = seeds
+            .iter()
+            .map(|&seed| {
+                let mut rng = seeded(seed);
+                (0..rank).map(|_| rng.random::<bool>()).collect()
+            })
+            .collect();
+        let mut patterns: Vec<&Vec<bool>> = draws.iter().filter(|d| d.contains(&true)).collect();
+        patterns.sort();
+        patterns.dedup();
+        for tensor in batch.tensors.values_mut() {
+            let lead = tensor.dim() - rank;
+            for &pattern in &patterns {
+                let dims: Vec<i64> = pattern
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &flip)| flip)
+                    .map(|(axis, _)| (lead + axis) as i64)
+                    .collect();
+                let rows: Vec<i64> = (0..draws.len() as i64)
+                    .filter(|&i| &draws[i as usize] == pattern)
+                    .collect();
+                *tensor = if rows.len() == draws.len() {
+                    tensor.f_flip(dims.as_slice())?
+                } else {
+                    let index = Tensor::f_from_slice(&rows)?.f_to_device(tensor.device())?;
+                    let flipped = tensor.f_index_select(0, &index)?.f_flip(dims.as_slice())?;
+                    tensor.f_index_copy(0, &index, &flipped)?
+                };
+            }
+        }
+        Ok(draws
+            .into_iter()
+            .map(|flipped| json!({"flipped": flipped}))
+            .collect())
     }
 
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {

@@ -1,15 +1,9 @@
 //! Resampling every tensor of a sample through a coordinate map with libtorch's `grid_sample`, for the random
 //! spatial transforms (affine, elastic). Runs wherever the tensors live (CPU or GPU).
-use crate::geometry::{is_float, spatial_shape};
+use crate::geometry::{batch_spatial_shape, is_float};
 use ivado_sdk::tch::{Device, Kind, Tensor};
-use ivado_sdk::{PluginError, Result, Sample};
-
-/// Spatial rank, spacing (mm per axis) and spatial shape of a sample.
-pub struct Frame {
-    pub rank: usize,
-    pub spacing: Vec<f64>,
-    pub shape: Vec<i64>,
-}
+use ivado_sdk::{Batch, PluginError, Result, Sample};
+use std::collections::BTreeMap;
 
 /// The spatial rank of a sample: from `image` (`[C, H, W]` or `[C, D, H, W]`) when it has one, else from the
 /// length of its spacing.
@@ -30,15 +24,55 @@ pub fn sample_rank(sample: &Sample, who: &str) -> Result<usize> {
     }
 }
 
-/// Rank, checked spacing and shared spatial shape of a sample.
-pub fn frame(sample: &Sample, who: &str) -> Result<Frame> {
-    let rank = sample_rank(sample, who)?;
-    let shape = spatial_shape(sample, rank, who)?;
-    let spacing = sample.checked_spacing(rank, who)?;
-    Ok(Frame {
+/// Spatial rank, shared spatial shape and per-sample spacing of a batch.
+pub struct BatchFrame {
+    pub rank: usize,
+    pub spacings: Vec<Vec<f64>>,
+    pub shape: Vec<i64>,
+    pub device: Device,
+}
+
+/// [`sample_rank`] of a batch: from `image` (`[B, C, ...]`) when it has one, else from the spacing's length.
+pub fn batch_rank(batch: &Batch, who: &str) -> Result<usize> {
+    let rank = match batch.tensors.get("image") {
+        Some(image) => image.dim().saturating_sub(2),
+        None => batch
+            .metas
+            .first()
+            .and_then(|meta| meta.get("spacing"))
+            .and_then(|spacing| spacing.as_array())
+            .map(Vec::len)
+            .ok_or_else(|| {
+                PluginError(format!(
+                    "{who}: no `image` to take the rank from, and the sample metadata has no `spacing` list"
+                ))
+            })?,
+    };
+    if rank == 2 || rank == 3 {
+        Ok(rank)
+    } else {
+        Err(PluginError(format!(
+            "{who}: samples must be 2D (`image` [C, H, W]) or 3D (`image` [C, D, H, W]), got {rank} spatial axes"
+        )))
+    }
+}
+
+/// Rank, shared spatial shape, each sample's checked spacing and the device of a batch.
+pub fn batch_frame(batch: &Batch, who: &str) -> Result<BatchFrame> {
+    let rank = batch_rank(batch, who)?;
+    let shape = batch_spatial_shape(batch, rank, who)?;
+    let spacings = batch.checked_spacings(rank, who)?;
+    let device = batch
+        .tensors
+        .values()
+        .next()
+        .map(|t| t.device())
+        .ok_or_else(|| PluginError(format!("{who}: the sample has no tensors")))?;
+    Ok(BatchFrame {
         rank,
-        spacing,
+        spacings,
         shape,
+        device,
     })
 }
 
@@ -164,10 +198,226 @@ pub fn warp_sample(sample: &mut Sample, grid: &Tensor, outside: Outside) -> Resu
     Ok(())
 }
 
-/// The sampling grid of an affine map in voxel indices: output voxel `i` reads input position
-/// `matrix[.., ..rank] · i + matrix[.., rank]` (`matrix` is `rank` rows of `rank + 1`). Input and output share
-/// `shape`. Built in float64 with `affine_grid`, so it is exact to float32 precision.
-pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result<Tensor> {
+/// Per sample of a batch, whether every value of `tensor` (`[B, ...]`) is 0 or 1.
+fn binary_rows(tensor: &Tensor) -> Result<Vec<bool>> {
+    let rows = tensor.size()[0];
+    let ok = tensor
+        .f_eq(0.0)?
+        .f_logical_or(&tensor.f_eq(1.0)?)?
+        .f_reshape([rows, -1])?
+        .f_all_dim(1, false)?;
+    Ok(Vec::<bool>::try_from(&ok.f_to_device(Device::Cpu)?)?)
+}
+
+/// A batch's sampling grid in a given work kind (`[B, *out, rank]`, normalised as in [`sample_at`]) and how it
+/// treats what lies outside the input: `None` reflects (scipy's `reflect`), `Some(mask)` reads zeros, with the
+/// optional mask (`[B, 1, *out]`, 0 or 1) of the positions inside the input.
+pub type GridIn = (Tensor, Option<Option<Tensor>>);
+
+/// Warps every tensor of a batch (`[B, *leading, *spatial]`) through the grid `grid_in(work kind, device)` gives,
+/// sample `b` through `grid[b]`, with the outside its [`GridIn`] says. Each
+/// sample's tensor gets the [`warp_mode`] it would get alone (a binary label is thresholded, a soft one not).
+/// Tensors resampled alike (same work kind and interpolation) go through one `grid_sample` together, as channels:
+/// the grid's coordinates and weights are computed once for all of them.
+pub fn warp_batch(
+    tensors: &mut BTreeMap<String, Tensor>,
+    rank: usize,
+    grid_in: &dyn Fn(Kind, Device) -> Result<GridIn>,
+) -> Result<()> {
+    // (work kind, interpolation code) -> names, in name order.
+    let mut groups: Vec<((Kind, i64), Vec<String>)> = Vec::new();
+    let mut rows = None;
+    for (name, tensor) in tensors.iter() {
+        let shape = tensor.size();
+        if shape.len() < rank + 1 || rows.is_some_and(|r| r != shape[0]) {
+            return Err(PluginError(format!(
+                "cannot warp `{name}` of shape {shape:?} in {rank}D with the rest of its batch"
+            )));
+        }
+        rows = Some(shape[0]);
+        let kind = tensor.f_kind()?;
+        let key = if kind == Kind::Double {
+            (Kind::Double, 0)
+        } else if is_float(kind) {
+            (Kind::Float, 0)
+        } else {
+            // Integers are carried in float64 and resampled nearest, so class indices stay exact.
+            (Kind::Double, 1)
+        };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, names)) => names.push(name.clone()),
+            None => groups.push((key, vec![name.clone()])),
+        }
+    }
+    let Some(rows) = rows else { return Ok(()) };
+    for ((work, interpolation), names) in groups {
+        let device = tensors[&names[0]].device();
+        let (grid, zeros) = grid_in(work, device)?;
+        let padding = if zeros.is_some() { 0 } else { 2 };
+        let mask = zeros.flatten();
+        let mut inputs = Vec::with_capacity(names.len());
+        let mut channels = Vec::with_capacity(names.len());
+        for name in &names {
+            let tensor = &tensors[name];
+            let shape = tensor.size();
+            let spatial = &shape[shape.len() - rank..];
+            let count: i64 = shape[1..shape.len() - rank].iter().product();
+            let mut batched = vec![rows, count];
+            batched.extend_from_slice(spatial);
+            inputs.push(tensor.f_to_kind(work)?.f_reshape(batched.as_slice())?);
+            channels.push(count);
+        }
+        let input = if inputs.len() == 1 {
+            inputs.pop().ok_or_else(|| PluginError::new("no input"))?
+        } else {
+            Tensor::f_cat(&inputs, 1)?
+        };
+        let mut output = input.f_grid_sampler(&grid, interpolation, padding, false)?;
+        if let Some(mask) = &mask {
+            output = output.f_mul(mask)?;
+        }
+        let out_spatial = output.size()[2..].to_vec();
+        let mut start = 0;
+        for (name, count) in names.iter().zip(channels) {
+            let tensor = &tensors[name];
+            let kind = tensor.f_kind()?;
+            let mut warped = output.f_narrow(1, start, count)?;
+            start += count;
+            if is_float(kind) && (name.starts_with("label") || name.starts_with("roi")) {
+                let binary = binary_rows(tensor)?;
+                if binary.iter().any(|&b| b) {
+                    let thresholded = warped.f_ge(0.5)?.f_to_kind(work)?;
+                    warped = if binary.iter().all(|&b| b) {
+                        thresholded
+                    } else {
+                        let mut view = vec![rows];
+                        view.resize(warped.dim(), 1);
+                        let condition = Tensor::f_from_slice(&binary)?
+                            .f_to_device(device)?
+                            .f_reshape(view.as_slice())?;
+                        thresholded.f_where_self(&condition, &warped)?
+                    };
+                }
+            }
+            let shape = tensor.size();
+            let mut out_shape = shape[..shape.len() - rank].to_vec();
+            out_shape.extend_from_slice(&out_spatial);
+            let warped = warped.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?;
+            tensors.insert(name.clone(), warped);
+        }
+    }
+    Ok(())
+}
+
+/// A float64 grid (`[B, *out, rank]`) as [`warp_batch`] wants it: converted to the work kind, with the inside mask
+/// when `outside` is [`Outside::Zero`].
+pub fn convert_grid(
+    grid: &Tensor,
+    spatial: &[i64],
+    outside: Outside,
+    work: Kind,
+    device: Device,
+) -> Result<GridIn> {
+    let converted = grid.f_to_kind(work)?.f_to_device(device)?;
+    let zeros = match outside {
+        Outside::Zero => Some(Some(
+            inside(&converted, spatial)?
+                .f_to_kind(work)?
+                .f_unsqueeze(1)?,
+        )),
+        Outside::Reflect => None,
+    };
+    Ok((converted, zeros))
+}
+
+/// Normalised coordinate given to positions outside the input: far enough that every corner `grid_sample`
+/// interpolates from is padding, so with zero padding they read exactly 0.
+const FAR_OUTSIDE: f64 = -4.0;
+
+/// The sampling grids of one affine map per sample (`matrices`, voxel indices as in [`affine_grid`]), input and
+/// output on `shape`, computed on the host in float64 and handed over in `work` kind: each coordinate is `A · o + a`
+/// in voxels, normalised as `(2 i + 1) / n - 1`. A position beyond the outer voxel centres (with the tolerance of
+/// [`sample_at`]) is moved far outside, so that it reads 0 under zero padding as scipy's `constant` mode does,
+/// without a mask.
+pub fn host_affine_grids(
+    matrices: &[Vec<Vec<f64>>],
+    shape: &[i64],
+    work: Kind,
+    device: Device,
+) -> Result<GridIn> {
+    let count = matrices.len() as i64;
+    let mut grid_shape = vec![count];
+    grid_shape.extend_from_slice(shape);
+    grid_shape.push(shape.len() as i64);
+    let tensor = if work == Kind::Double {
+        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v))?
+    } else {
+        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v as f32))?.f_to_kind(work)?
+    };
+    Ok((
+        tensor
+            .f_reshape(grid_shape.as_slice())?
+            .f_to_device(device)?,
+        Some(None),
+    ))
+}
+
+fn fill_affine_grids<T: Copy + Default>(
+    matrices: &[Vec<Vec<f64>>],
+    shape: &[i64],
+    store: impl Fn(f64) -> T,
+) -> Vec<T> {
+    const TOLERANCE: f64 = 1e-3;
+    let rank = shape.len();
+    let voxels: usize = shape.iter().map(|&n| n as usize).product();
+    let last = shape[rank - 1] as usize;
+    let mut grid = vec![T::default(); matrices.len() * voxels * rank];
+    let limits: Vec<f64> = shape.iter().map(|&n| n as f64 - 1.0 + TOLERANCE).collect();
+    let scales: Vec<f64> = shape.iter().map(|&n| 2.0 / n as f64).collect();
+    let offsets: Vec<f64> = shape.iter().map(|&n| 1.0 / n as f64 - 1.0).collect();
+    let far = store(FAR_OUTSIDE);
+    let mut start = vec![0.0f64; rank];
+    let mut outer = vec![0usize; rank - 1];
+    let mut lines = grid.chunks_exact_mut(last * rank);
+    for matrix in matrices {
+        let along: Vec<f64> = (0..rank).map(|k| matrix[k][rank - 1]).collect();
+        // Output voxels in C order, one line along the last axis at a time.
+        for line in 0..voxels / last {
+            let mut rest = line;
+            for axis in (0..rank - 1).rev() {
+                let n = shape[axis] as usize;
+                outer[axis] = rest % n;
+                rest /= n;
+            }
+            for (k, value) in start.iter_mut().enumerate() {
+                *value = matrix[k][rank]
+                    + outer
+                        .iter()
+                        .enumerate()
+                        .map(|(axis, &i)| matrix[k][axis] * i as f64)
+                        .sum::<f64>();
+            }
+            let Some(points) = lines.next() else { break };
+            for (step, point) in points.chunks_exact_mut(rank).enumerate() {
+                let mut within = true;
+                // The grid lists coordinates in reversed axis order.
+                for k in 0..rank {
+                    let position = start[k] + along[k] * step as f64;
+                    within &= position >= -TOLERANCE && position <= limits[k];
+                    point[rank - 1 - k] = store(position * scales[k] + offsets[k]);
+                }
+                if !within {
+                    point.fill(far);
+                }
+            }
+        }
+    }
+    grid
+}
+
+/// The `[rank, rank + 1]` `affine_grid` theta (normalised coordinates, reversed axis order) of an affine map in
+/// voxel indices (see [`affine_grid`]), row-major.
+pub fn affine_theta(matrix: &[Vec<f64>], shape: &[i64]) -> Vec<f64> {
     let rank = shape.len();
     // Normalised coordinate u = (2 i + 1) / n - 1, i.e. i = half * u + centre.
     let half: Vec<f64> = shape.iter().map(|&n| n as f64 / 2.0).collect();
@@ -187,18 +437,31 @@ pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result
         }
         theta[grid_row * (rank + 1) + rank] = shift / half[row];
     }
-    let theta = Tensor::f_from_slice(&theta)?.f_reshape([1, rank as i64, rank as i64 + 1])?;
-    let mut size = vec![1, 1];
+    theta
+}
+
+/// The sampling grids (`[B, *shape, rank]`, float64) of one affine map per sample, in one `affine_grid` call.
+pub fn affine_grids(matrices: &[Vec<Vec<f64>>], shape: &[i64], device: Device) -> Result<Tensor> {
+    let rank = shape.len() as i64;
+    let thetas: Vec<f64> = matrices
+        .iter()
+        .flat_map(|matrix| affine_theta(matrix, shape))
+        .collect();
+    let count = matrices.len() as i64;
+    let theta = Tensor::f_from_slice(&thetas)?.f_reshape([count, rank, rank + 1])?;
+    let mut size = vec![count, 1];
     size.extend_from_slice(shape);
     Ok(Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?.f_to_device(device)?)
 }
 
-/// The sampling grid that reads input position `i + displacement[k](i)` along each axis `k` for output voxel `i`;
-/// `displacement` is `[rank, *shape]` in voxels.
-pub fn displacement_grid(displacement: &Tensor) -> Result<Tensor> {
+/// The sampling grids that read input position `i + displacement[b, k](i)` along each axis `k` for output voxel
+/// `i` of sample `b`; `displacement` is `[B, rank, *shape]` in voxels, the grids `[B, *shape, rank]`, in the
+/// displacement's kind (float32 or float64).
+pub fn displacement_grids(displacement: &Tensor) -> Result<Tensor> {
     let size = displacement.size();
-    let rank = size[0] as usize;
-    let shape = &size[1..];
+    let rank = size[1] as usize;
+    let shape = &size[2..];
+    let kind = displacement.f_kind()?;
     let identity: Vec<Vec<f64>> = (0..rank)
         .map(|row| {
             (0..=rank)
@@ -206,19 +469,24 @@ pub fn displacement_grid(displacement: &Tensor) -> Result<Tensor> {
                 .collect()
         })
         .collect();
-    let base = affine_grid(&identity, shape, displacement.device())?;
+    let (base, _) = host_affine_grids(&[identity], shape, kind, displacement.device())?;
     // A displacement of d voxels along an axis of n voxels is 2 d / n in normalised units; reversed axis order.
     let mut steps = Vec::with_capacity(rank);
     for axis in (0..rank).rev() {
         steps.push(
             displacement
-                .f_select(0, axis as i64)?
-                .f_to_kind(Kind::Double)?
+                .f_select(1, axis as i64)?
                 .f_mul_scalar(2.0 / shape[axis] as f64)?,
         );
     }
-    let offsets = Tensor::f_stack(&steps, -1)?.f_unsqueeze(0)?;
-    Ok(base.f_add(&offsets)?)
+    Ok(base.f_add(&Tensor::f_stack(&steps, -1)?)?)
+}
+
+/// The sampling grid of an affine map in voxel indices: output voxel `i` reads input position
+/// `matrix[.., ..rank] · i + matrix[.., rank]` (`matrix` is `rank` rows of `rank + 1`). Input and output share
+/// `shape`. Built in float64 with `affine_grid`, so it is exact to float32 precision.
+pub fn affine_grid(matrix: &[Vec<f64>], shape: &[i64], device: Device) -> Result<Tensor> {
+    affine_grids(&[matrix.to_vec()], shape, device)
 }
 
 /// Inverse of an affine map `[A | a]` (rows of `rank + 1`): `[A⁻¹ | -A⁻¹ a]`, by Gauss-Jordan elimination.
@@ -307,9 +575,9 @@ mod tests {
     #[test]
     fn displacement_grid_reads_shifted_positions() {
         let input = Tensor::from_slice(&[0.0f32, 2.0, 4.0, 6.0]).reshape([1, 1, 4]);
-        let displacement = Tensor::zeros([2, 1, 4], (Kind::Float, Device::Cpu));
-        let _ = displacement.select(0, 1).fill_(0.5);
-        let grid = displacement_grid(&displacement).unwrap();
+        let displacement = Tensor::zeros([1, 2, 1, 4], (Kind::Float, Device::Cpu));
+        let _ = displacement.select(1, 1).fill_(0.5);
+        let grid = displacement_grids(&displacement).unwrap();
         let out = values(&sample_at(&input, &grid, WarpMode::Linear, Outside::Reflect).unwrap());
         let expected = [1.0, 3.0, 5.0, 6.0];
         for (got, want) in out.iter().zip(expected) {
