@@ -546,6 +546,7 @@ mod tests {
             metadata: BTreeMap::new(),
             targets: targets.iter().map(|t| t.map(PathBuf::from)).collect(),
             roi: None,
+            ..Default::default()
         }
     }
 

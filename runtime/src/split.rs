@@ -542,6 +542,7 @@ mod tests {
                         metadata,
                         targets: Vec::new(),
                         roi: None,
+                        ..Default::default()
                     }
                 })
             })
