@@ -29,6 +29,7 @@ fn entry(image: &Path, label: &Path, sidecar: Option<&Path>) -> BidsEntry {
         image: image.to_path_buf(),
         label: Some(label.to_path_buf()),
         sidecar: sidecar.map(Path::to_path_buf),
+        ..Default::default()
     }
 }
 
