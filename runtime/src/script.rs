@@ -221,6 +221,8 @@ const TRAIN_OPTIONS: &[&str] = &[
     "keep_checkpoints",
     "precision",
     "channels_last",
+    "num_workers",
+    "prefetch",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -294,6 +296,14 @@ fn prepare_training(
         })
         .transpose()?;
     let precision = option(&options, "precision", "fp32".to_owned(), text)?;
+    let num_workers = match options.get("num_workers") {
+        Some(value) => integer(value).filter(|&n| n >= 0).ok_or_else(|| {
+            script_error(anyhow!(
+                "{function}: `num_workers` must be a non-negative integer, got {value}"
+            ))
+        })? as usize,
+        None => crate::loader::LoaderOptions::default().num_workers,
+    };
     let config = TrainConfig {
         epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
         batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
@@ -318,6 +328,15 @@ fn prepare_training(
         manifest: Value::Null,
         precision: crate::precision::Precision::parse(&precision).map_err(script_error)?,
         channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
+        num_workers,
+        prefetch: match options.get("prefetch") {
+            Some(value) => integer(value).filter(|&n| n > 0).ok_or_else(|| {
+                script_error(anyhow!(
+                    "{function}: `prefetch` must be a positive integer, got {value}"
+                ))
+            })? as usize,
+            None => crate::loader::LoaderOptions::new(num_workers).prefetch,
+        },
     };
     let train_slices =
         SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed)
