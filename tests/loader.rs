@@ -163,6 +163,56 @@ fn at_most_prefetch_batches_are_ever_built_ahead() {
     assert_eq!(most_ahead, 3);
 }
 
+fn counting(started: &Arc<AtomicUsize>) -> impl FnMut(usize) -> BuildBatch<usize> {
+    let started = Arc::clone(started);
+    move |_| -> BuildBatch<usize> {
+        let started = Arc::clone(&started);
+        Box::new(move |index| {
+            started.fetch_add(1, Ordering::SeqCst);
+            Ok(index * 10)
+        })
+    }
+}
+
+#[test]
+fn batches_come_in_order_and_once_whatever_the_worker_count() {
+    for workers in [0, 1, 3] {
+        let started = Arc::new(AtomicUsize::new(0));
+        let options = LoaderOptions {
+            num_workers: workers,
+            prefetch: 4,
+            worker_threads: 1,
+        };
+        let out: Vec<usize> = Loader::start(25, options, counting(&started))
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(out, (0..25).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(started.load(Ordering::SeqCst), 25, "{workers} workers");
+    }
+}
+
+#[test]
+fn dropping_a_loader_midway_stops_its_workers_without_hanging() {
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&started);
+    let built = within(30, move || {
+        let options = LoaderOptions {
+            num_workers: 2,
+            prefetch: 3,
+            worker_threads: 1,
+        };
+        let mut loader = Loader::start(1000, options, counting(&counter));
+        assert_eq!(loader.next().unwrap().unwrap(), 0);
+        // An early stop: the drop joins the workers, so it returns only once they have exited.
+        drop(loader);
+        counter.load(Ordering::SeqCst)
+    });
+    // One taken plus at most `prefetch` ahead, and nothing more once the drop returned.
+    assert!(built <= 4, "{built} batches built");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(started.load(Ordering::SeqCst), built);
+}
+
 #[test]
 fn a_failing_batch_surfaces_its_error_and_the_loader_stops() {
     let (message, later, built) = within(30, || {
@@ -222,15 +272,7 @@ fn a_corrupt_volume_is_named_by_the_cached_loader_without_hanging() {
         );
         let order: Vec<i64> = (0..set.len() as i64).collect();
         let batches = order.chunks(5).map(<[i64]>::to_vec).collect();
-        let loader = cached_batches(
-            set,
-            None,
-            batches,
-            1,
-            1,
-            Device::Cpu,
-            LoaderOptions::new(2),
-        );
+        let loader = cached_batches(set, None, batches, 1, 1, Device::Cpu, LoaderOptions::new(2));
         let errors: Vec<String> = loader
             .filter_map(|batch| batch.err().map(|e| format!("{e:#}")))
             .collect();
@@ -273,7 +315,11 @@ fn the_memory_cache_evicts_least_recently_used_first() {
     );
 }
 
-fn cached_set(registry: &PluginRegistry, entries: Vec<BidsEntry>, cache: CacheOptions) -> CachedSlices {
+fn cached_set(
+    registry: &PluginRegistry,
+    entries: Vec<BidsEntry>,
+    cache: CacheOptions,
+) -> CachedSlices {
     CachedSlices::new(
         entries,
         pipeline(registry, &[("Resample", json!({"spacing": [1.0, 1.0]}))]),

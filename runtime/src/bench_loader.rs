@@ -71,6 +71,10 @@ pub struct LoaderResult {
     pub slices: usize,
     pub cold_slices_per_second: f64,
     pub cached_slices_per_second: f64,
+    /// Slices per CPU-second of the process (user + system), which other load on the machine does not
+    /// lower: the rate with one free core per CPU-second used.
+    pub cold_slices_per_cpu_second: f64,
+    pub cached_slices_per_cpu_second: f64,
     pub peak_rss_bytes: u64,
     pub cache_peak_bytes: usize,
     pub volumes_prepared: usize,
@@ -89,6 +93,18 @@ pub fn peak_rss_bytes() -> Result<u64> {
         .context("malformed VmHWM")?
         .parse()?;
     Ok(kib * 1024)
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Generates the phantom under `root` unless a complete one of `subjects` subjects is already there.
@@ -150,13 +166,12 @@ pub fn run_case(registry: &PluginRegistry, data: &Path, case: &LoaderCase) -> Re
     )?);
     let augment = LivePipeline::new(pipeline_from_specs(registry, &augment_specs())?);
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     for epoch in 1..=2u64 {
         let order = set.window_order(derive_seed(BENCH_SEED, epoch), case.window);
-        let batches = order
-            .chunks(case.batch_size)
-            .map(<[i64]>::to_vec)
-            .collect();
+        let batches = order.chunks(case.batch_size).map(<[i64]>::to_vec).collect();
         let started = Instant::now();
+        let cpu_started = cpu_seconds();
         let loader = cached_batches(
             std::sync::Arc::clone(&set),
             Some(augment.clone()),
@@ -170,12 +185,15 @@ pub fn run_case(registry: &PluginRegistry, data: &Path, case: &LoaderCase) -> Re
             drop(batch?);
         }
         rates.push(set.len() as f64 / started.elapsed().as_secs_f64());
+        cpu_rates.push(set.len() as f64 / (cpu_seconds() - cpu_started).max(1e-9));
     }
     let result = LoaderResult {
         case: case.clone(),
         slices: set.len(),
         cold_slices_per_second: rates[0],
         cached_slices_per_second: rates[1],
+        cold_slices_per_cpu_second: cpu_rates[0],
+        cached_slices_per_cpu_second: cpu_rates[1],
         peak_rss_bytes: peak_rss_bytes()?,
         cache_peak_bytes: set.memory().stats().peak_bytes,
         volumes_prepared: set.prepared(),
@@ -234,21 +252,22 @@ pub fn run(exe: &Path, global_args: &[String], bench: &LoaderBench) -> Result<St
         }
         cases.push(case(bench.more_subjects, cores, budget));
     }
-    cases.dedup_by(|a, b| {
-        (a.subjects, a.workers, a.budget) == (b.subjects, b.workers, b.budget)
-    });
+    cases.dedup_by(|a, b| (a.subjects, a.workers, a.budget) == (b.subjects, b.workers, b.budget));
     let mut report = format!(
         "2D slice loading: Resample 0.75 mm (cached per volume) -> CenterCrop 128 -> RandomAffine -> Elastic (p 0.1) -> NormalizeInstance,\n\
          batches of {}, {SHAPE:?} phantom volumes, volume order shuffled then slices within windows of {} volumes;\n\
          each worker runs libtorch on 1 thread; {cores} cores. ivadomed: {IVADOMED_SLICES_PER_SECOND} slices/s.\n\
-         {:>8} {:>7} {:>16} {:>12} {:>12} {:>10} {:>12} {:>9}\n",
+         Rates per wall second, and per CPU-second of the case's process (what other load does not lower).\n\
+         {:>8} {:>7} {:>16} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>9}\n",
         bench.batch_size,
         bench.window,
         "subjects",
         "workers",
         "cache",
         "cold sl/s",
+        "sl/CPU-s",
         "cached sl/s",
+        "sl/CPU-s",
         "x ivadomed",
         "peak RSS MiB",
         "cache MiB"
@@ -274,12 +293,14 @@ pub fn run(exe: &Path, global_args: &[String], bench: &LoaderBench) -> Result<St
             None => "unbounded".into(),
         };
         report.push_str(&format!(
-            "{:>8} {:>7} {:>16} {:>12.0} {:>12.0} {:>10.1} {:>12.0} {:>9.0}\n",
+            "{:>8} {:>7} {:>16} {:>10.0} {:>10.0} {:>12.0} {:>12.0} {:>10.1} {:>12.0} {:>9.0}\n",
             case.subjects,
             case.workers,
             cache,
             result.cold_slices_per_second,
+            result.cold_slices_per_cpu_second,
             result.cached_slices_per_second,
+            result.cached_slices_per_cpu_second,
             result.cached_slices_per_second / IVADOMED_SLICES_PER_SECOND,
             mib(result.peak_rss_bytes as f64),
             mib(result.cache_peak_bytes as f64),

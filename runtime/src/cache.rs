@@ -420,10 +420,11 @@ pub struct CachedSlices {
     slices: Vec<(usize, usize)>,
     /// Slice index range of each volume.
     ranges: Vec<std::ops::Range<usize>>,
+    /// Cache key of each volume, from its files' identity when the set was made.
+    keys: Vec<String>,
     prefix: Pipeline,
     rest: Pipeline,
     phase: Phase,
-    prefix_hash: String,
     memory: MemoryCache<PreparedVolume>,
     disk: Option<DiskCache>,
     /// Volumes prepared from their source files (neither cache had them).
@@ -432,7 +433,8 @@ pub struct CachedSlices {
 
 impl CachedSlices {
     /// Indexes `entries` (each needs a label) from their headers. `prefix` is cached per volume; `rest` runs
-    /// on every slice each time it is read. Both must be deterministic.
+    /// on every slice each time it is read. Both must be deterministic. Cache keys are taken now: a file
+    /// changed while the set is in use is seen by the next set made.
     pub fn new(
         entries: Vec<BidsEntry>,
         prefix: Pipeline,
@@ -445,6 +447,11 @@ impl CachedSlices {
         }
         let mut slices = Vec::new();
         let mut ranges = Vec::new();
+        let prefix_hash = prefix_hash(&prefix, phase);
+        let keys = entries
+            .iter()
+            .map(|entry| entry_key(entry, &prefix_hash))
+            .collect::<Result<Vec<_>>>()?;
         for (volume, entry) in entries.iter().enumerate() {
             let depth = axial_depth(&entry.image)?;
             let start = slices.len();
@@ -452,8 +459,8 @@ impl CachedSlices {
             ranges.push(start..slices.len());
         }
         Ok(Self {
-            prefix_hash: prefix_hash(&prefix, phase),
             entries,
+            keys,
             slices,
             ranges,
             prefix,
@@ -489,9 +496,9 @@ impl CachedSlices {
     /// Volume `index` after the prefix: from memory, else from the disk cache, else from its files.
     pub fn volume(&self, index: usize) -> Result<Arc<PreparedVolume>> {
         let entry = &self.entries[index];
-        let key = entry_key(entry, &self.prefix_hash)?;
-        self.memory.get_or_load(&key, || {
-            if let Some(volume) = self.disk.as_ref().and_then(|disk| disk.load(&key)) {
+        let key = &self.keys[index];
+        self.memory.get_or_load(key, || {
+            if let Some(volume) = self.disk.as_ref().and_then(|disk| disk.load(key)) {
                 return Ok(volume);
             }
             let volume = PreparedVolume::prepare(entry, &self.prefix, self.phase)?;
@@ -505,7 +512,7 @@ impl CachedSlices {
                 );
             }
             if let Some(disk) = &self.disk {
-                disk.store(&key, &volume)?;
+                disk.store(key, &volume)?;
             }
             Ok(volume)
         })
@@ -545,7 +552,12 @@ impl CachedSlices {
             labels.push(label);
             spacing.push(slice_spacing);
             volume_of_slice.push(volumes.len());
-            volumes.push(self.entries[self.slices[index as usize].0].image.display().to_string());
+            volumes.push(
+                self.entries[self.slices[index as usize].0]
+                    .image
+                    .display()
+                    .to_string(),
+            );
         }
         if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
             bail!(
@@ -578,56 +590,5 @@ impl CachedSlices {
             order[start..].shuffle(&mut rng);
         }
         order
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Blob(usize);
-
-    impl Weighed for Blob {
-        fn bytes(&self) -> usize {
-            self.0
-        }
-    }
-
-    #[test]
-    fn lru_evicts_the_least_recently_used_and_keeps_within_budget() {
-        let cache = MemoryCache::new(100);
-        for key in ["a", "b", "c"] {
-            cache.get_or_load(key, || Ok(Blob(30))).unwrap();
-        }
-        assert_eq!(cache.held(), 90);
-        // Touch `a`, so `b` is now the oldest.
-        cache.get_or_load("a", || panic!("a is cached")).unwrap();
-        cache.get_or_load("d", || Ok(Blob(30))).unwrap();
-        assert_eq!(cache.keys_by_age(), ["c", "a", "d"]);
-        assert_eq!(cache.held(), 90);
-        // 60 bytes need two evictions: `c`, then `a`.
-        cache.get_or_load("e", || Ok(Blob(60))).unwrap();
-        assert_eq!(cache.keys_by_age(), ["d", "e"]);
-        // Larger than the budget: returned, not kept, nothing evicted.
-        let big = cache.get_or_load("f", || Ok(Blob(101))).unwrap();
-        assert_eq!(big.0, 101);
-        assert_eq!(cache.keys_by_age(), ["d", "e"]);
-        let stats = cache.stats();
-        assert_eq!(
-            (stats.hits, stats.misses, stats.evictions, stats.too_large),
-            (1, 6, 3, 1)
-        );
-        assert_eq!(stats.peak_bytes, 90);
-    }
-
-    #[test]
-    fn a_failed_load_is_not_cached() {
-        let cache = MemoryCache::<Blob>::new(100);
-        let error = cache
-            .get_or_load("x", || bail!("broken.nii.gz: corrupt"))
-            .err()
-            .unwrap();
-        assert!(error.to_string().contains("broken.nii.gz"));
-        assert_eq!(cache.get_or_load("x", || Ok(Blob(5))).unwrap().0, 5);
     }
 }

@@ -270,9 +270,11 @@ impl<T: Send + 'static> Drop for Loader<'_, T> {
 pub fn to_device(tensor: Tensor, device: Device) -> Result<Tensor> {
     match device {
         Device::Cpu => Ok(tensor),
-        Device::Cuda(_) => Ok(tensor
-            .f_pin_memory(device)?
-            .f_to_device_(device, tensor.kind(), true, false)?),
+        Device::Cuda(_) => {
+            Ok(tensor
+                .f_pin_memory(device)?
+                .f_to_device_(device, tensor.kind(), true, false)?)
+        }
         other => Ok(tensor.f_to_device(other)?),
     }
 }
@@ -346,55 +348,3 @@ pub fn cached_batches(
 
 /// Seed stream of the batches of [`cached_batches`].
 const BATCH_STREAM: u64 = 0xBA7C_0000_0000;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
-
-    fn counting(started: Arc<AtomicUsize>) -> impl FnMut(usize) -> BuildBatch<usize> {
-        move |_| {
-            let started = Arc::clone(&started);
-            Box::new(move |index| {
-                started.fetch_add(1, Ordering::SeqCst);
-                Ok(index * 10)
-            })
-        }
-    }
-
-    #[test]
-    fn batches_come_in_order_whatever_the_worker_count() {
-        for workers in [0, 1, 3] {
-            let started = Arc::new(AtomicUsize::new(0));
-            let options = LoaderOptions {
-                num_workers: workers,
-                prefetch: 4,
-                worker_threads: 1,
-            };
-            let out: Vec<usize> = Loader::start(25, options, counting(Arc::clone(&started)))
-                .collect::<Result<_>>()
-                .unwrap();
-            assert_eq!(out, (0..25).map(|i| i * 10).collect::<Vec<_>>());
-            assert_eq!(started.load(Ordering::SeqCst), 25, "each batch built once");
-        }
-    }
-
-    #[test]
-    fn dropping_a_loader_midway_stops_its_workers() {
-        let started = Arc::new(AtomicUsize::new(0));
-        let options = LoaderOptions {
-            num_workers: 2,
-            prefetch: 3,
-            worker_threads: 1,
-        };
-        let mut loader = Loader::start(1000, options, counting(Arc::clone(&started)));
-        assert_eq!(loader.next().unwrap().unwrap(), 0);
-        drop(loader);
-        // One taken plus at most `prefetch` ahead; the drop returned, so the workers have exited.
-        let built = started.load(Ordering::SeqCst);
-        assert!(built <= 4, "{built} batches built");
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(started.load(Ordering::SeqCst), built);
-    }
-}
