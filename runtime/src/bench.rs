@@ -200,3 +200,148 @@ pub fn time_training_step(
     seconds.sort_by(f64::total_cmp);
     Ok(seconds[seconds.len() / 2])
 }
+
+/// A training epoch through the loader set against the bare step time of the same network.
+#[derive(Clone, Debug)]
+pub struct EpochTiming {
+    pub batches: usize,
+    pub batch_size: usize,
+    pub workers: usize,
+    /// Median bare training step (no loading), seconds.
+    pub step_seconds: f64,
+    /// Training part of the second epoch (the first warms libtorch up), seconds.
+    pub train_seconds: f64,
+    /// Of `train_seconds`, the time the loop waited for the loader.
+    pub wait_seconds: f64,
+}
+
+impl EpochTiming {
+    /// How much longer the epoch took than its steps alone, in percent.
+    pub fn overhead_percent(&self) -> f64 {
+        (self.train_seconds / (self.step_seconds * self.batches as f64) - 1.0) * 100.0
+    }
+}
+
+impl std::fmt::Display for EpochTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epoch of {} batches of {} through the loader ({} workers): {:.2} s, bare steps {} x {:.3} s = {:.2} s: overhead {:+.1}% (waited {:.2} s for batches, {:.1}%)",
+            self.batches,
+            self.batch_size,
+            self.workers,
+            self.train_seconds,
+            self.batches,
+            self.step_seconds,
+            self.step_seconds * self.batches as f64,
+            self.overhead_percent(),
+            self.wait_seconds,
+            100.0 * self.wait_seconds / self.train_seconds.max(f64::MIN_POSITIVE)
+        )
+    }
+}
+
+/// Trains two epochs of `batches` batches of `case`'s architecture on augmented phantom slices (the
+/// pipeline of `ivado bench loader`, through the trainer's loader with `workers` workers), then times the
+/// bare step; compares the second epoch with the steps alone.
+pub fn time_epoch(
+    registry: &PluginRegistry,
+    case: &ArchitectureCase,
+    device: Device,
+    batches: usize,
+    workers: usize,
+) -> Result<EpochTiming> {
+    use crate::bench_loader::{augment_specs, BENCH_SEED};
+    use crate::bids::{BidsIndex, BidsQuery};
+    use crate::data::SliceSet;
+    use crate::pipeline::LivePipeline;
+    use crate::preview::pipeline_from_specs;
+    use crate::train::{TrainConfig, Trainer};
+    let shape = &case.inputs[0];
+    let (batch_size, size) = (shape[0] as usize, shape[3]);
+    let depth = 64usize;
+    let slices = batches.max(1) * batch_size;
+    let train_subjects = slices.div_ceil(depth);
+    let scratch = tempfile_dir("ivado-bench-epoch")?;
+    let data = scratch.join("data");
+    crate::phantom::generate(
+        &data,
+        &crate::phantom::PhantomSpec {
+            subjects: train_subjects + 1,
+            // 0.5 mm in-plane, resampled to 0.75 mm: about 1.33 x size before the crop.
+            shape: [2 * size as usize, 2 * size as usize, depth],
+            spacing: [0.5, 0.5, 2.0],
+            contrasts: vec!["T2w".into()],
+            noise: 0.05,
+            seed: BENCH_SEED,
+        },
+    )?;
+    let query = BidsQuery {
+        target_suffix: "_seg-manual",
+        contrasts: None,
+    };
+    let mut entries = BidsIndex::scan(&data, &query)?.entries;
+    entries.sort_by(|a, b| a.subject.cmp(&b.subject));
+    let preprocess = pipeline_from_specs(
+        registry,
+        &[
+            json!({"name": "Resample", "config": {"spacing": [0.75, 0.75]}}),
+            json!({"name": "CenterCrop", "config": {"size": [size, size]}}),
+        ],
+    )?;
+    let whole = SliceSet::build(&entries[..train_subjects], &preprocess, BENCH_SEED)?;
+    // Exactly `batches` full batches.
+    let train_set = SliceSet {
+        images: whole.images.narrow(0, 0, slices as i64),
+        labels: whole.labels.narrow(0, 0, slices as i64),
+        volume_of_slice: whole.volume_of_slice[..slices].to_vec(),
+        volumes: whole.volumes.clone(),
+        spacing: whole.spacing[..slices].to_vec(),
+    };
+    let valid_set = SliceSet::build(&entries[train_subjects..], &preprocess, BENCH_SEED)?;
+    let augment = LivePipeline::new(pipeline_from_specs(registry, &augment_specs())?);
+    let model = registry.model(&case.architecture, &case.config, device)?;
+    let config = TrainConfig {
+        epochs: 2,
+        batch_size,
+        seed: BENCH_SEED,
+        num_workers: workers,
+        prefetch: 2 * workers.max(1),
+        ..TrainConfig::new(scratch.join("run"), device)
+    };
+    let mut trainer = Trainer::new(
+        &model,
+        &preprocess,
+        &train_set,
+        &valid_set,
+        json!({}),
+        config,
+        Some(crate::train::Held::Shared(std::rc::Rc::new(augment))),
+    )?;
+    trainer.run_epoch()?;
+    let record = trainer.run_epoch()?;
+    drop(trainer);
+    let step_seconds = time_training_step(registry, case, StepMode::Fp32, device, 1, 3)?;
+    std::fs::remove_dir_all(&scratch).ok();
+    Ok(EpochTiming {
+        batches: batches.max(1),
+        batch_size,
+        workers,
+        step_seconds,
+        train_seconds: record.train_seconds,
+        wait_seconds: record.wait_seconds,
+    })
+}
+
+/// A fresh folder under the system temporary directory.
+fn tempfile_dir(prefix: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

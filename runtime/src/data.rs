@@ -70,6 +70,35 @@ pub fn axial_samples(image: &Volume, label: Option<&Volume>) -> Vec<Sample> {
         .collect()
 }
 
+/// One entry's axial slices through `pipeline`'s `phase` steps: per slice, the `[1, H, W]` image, its binary
+/// label and its spacing. Slice `z` of the `volume`-th entry is seeded by (`seed`, volume, z), which only
+/// matters for a pipeline that is not deterministic.
+pub fn preprocess_entry(
+    entry: &BidsEntry,
+    pipeline: &Pipeline,
+    phase: Phase,
+    seed: u64,
+    volume: usize,
+) -> Result<Vec<(Tensor, Tensor, Vec<f64>)>> {
+    let (image, label) = load_pair(entry)?;
+    axial_samples(&image, Some(&label))
+        .into_iter()
+        .enumerate()
+        .map(|(z, sample)| {
+            let sample_seed = derive_seed(seed, (volume as u64) << 20 | z as u64);
+            let (sample, _) = pipeline
+                .apply_in(phase, sample, sample_seed)
+                .with_context(|| format!("preprocessing slice {z} of {}", entry.image.display()))?;
+            Ok((
+                sample.get("image")?.shallow_clone(),
+                // Labels stay binary through nearest-neighbour resampling; threshold anyway for soft inputs.
+                sample.get("label")?.ge(0.5).to_kind(Kind::Float),
+                sample.spacing()?,
+            ))
+        })
+        .collect()
+}
+
 /// Preprocessed 2D slices stacked into tensors, with the volume each slice came from.
 pub struct SliceSet {
     /// `[N, 1, H, W]`
@@ -107,19 +136,12 @@ impl SliceSet {
         let mut volumes = Vec::new();
         let mut spacing = Vec::new();
         for entry in entries {
-            let (image, label) = load_pair(entry)?;
-            for (z, sample) in axial_samples(&image, Some(&label)).into_iter().enumerate() {
-                let sample_seed = derive_seed(seed, (volumes.len() as u64) << 20 | z as u64);
-                let (sample, _) =
-                    pipeline
-                        .apply_in(phase, sample, sample_seed)
-                        .with_context(|| {
-                            format!("preprocessing slice {z} of {}", entry.image.display())
-                        })?;
-                images.push(sample.get("image")?.shallow_clone());
-                // Labels stay binary through nearest-neighbour resampling; threshold anyway for soft inputs.
-                labels.push(sample.get("label")?.ge(0.5).to_kind(Kind::Float));
-                spacing.push(sample.spacing()?);
+            for (image, label, slice_spacing) in
+                preprocess_entry(entry, pipeline, phase, seed, volumes.len())?
+            {
+                images.push(image);
+                labels.push(label);
+                spacing.push(slice_spacing);
                 volume_of_slice.push(volumes.len());
             }
             volumes.push(entry.image.display().to_string());
@@ -138,6 +160,18 @@ impl SliceSet {
             volumes,
             spacing,
         })
+    }
+
+    /// Another handle on the same slices (tensor storage is shared, not copied), for a loader worker:
+    /// tensors are `Send` but not `Sync`, so each thread needs its own handles.
+    pub fn share(&self) -> SliceSet {
+        SliceSet {
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            volume_of_slice: self.volume_of_slice.clone(),
+            volumes: self.volumes.clone(),
+            spacing: self.spacing.clone(),
+        }
     }
 
     pub fn len(&self) -> usize {

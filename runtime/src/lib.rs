@@ -2,13 +2,16 @@
 //! `docs/architecture.md` is the code map.
 pub mod bench;
 pub mod bench_augment;
+pub mod bench_loader;
 pub mod bids;
+pub mod cache;
 pub mod cascade;
 pub mod channels;
 pub mod data;
 pub mod device;
 pub mod evaluate;
 pub mod infer;
+pub mod loader;
 pub mod losses;
 pub mod metrics;
 pub mod microscopy;

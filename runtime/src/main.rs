@@ -200,6 +200,13 @@ enum BenchCommand {
         /// libtorch intra-op threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
+        /// Also train full epochs of this many batches through the loader (augmented phantom slices) and
+        /// compare with the bare step time: the loader's overhead.
+        #[arg(long, value_name = "BATCHES")]
+        epoch: Option<usize>,
+        /// Loader workers of the epoch.
+        #[arg(long, default_value_t = ivado_runtime::loader::LoaderOptions::default().num_workers)]
+        workers: usize,
     },
     /// Samples/s of the training augmentation pipeline on 2D slices and 3D subvolumes, 1 and T workers.
     Augment {
@@ -212,6 +219,30 @@ enum BenchCommand {
         /// Worker threads of the second row (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Slices/s of 2D training-slice loading through the loader and volume caches (cold and cached, 1 worker
+    /// and all), and peak memory with the cache budget on and off, for two dataset sizes.
+    Loader {
+        /// Where the generated phantom dataset is kept between runs.
+        #[arg(long, default_value_os_t = std::env::temp_dir().join("ivado-bench-loader-data"))]
+        data: PathBuf,
+        /// Subjects of the main cases.
+        #[arg(long, default_value_t = 50)]
+        subjects: usize,
+        /// Subjects of the comparison cases (memory must not grow with them when the budget is on).
+        #[arg(long, default_value_t = 100)]
+        more_subjects: usize,
+        /// Memory budget of the volume cache, in MiB.
+        #[arg(long, default_value_t = 256)]
+        budget_mb: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Volumes whose slices are shuffled together.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Internal: run one case (JSON) in this process and print its result.
+        #[arg(long, hide = true)]
+        case: Option<String>,
     },
 }
 
@@ -433,6 +464,8 @@ fn run(cli: Cli) -> Result<()> {
                     steps,
                     warmup,
                     threads,
+                    epoch,
+                    workers,
                 },
         } => {
             let registry = PluginRegistry::discover(&search);
@@ -467,6 +500,46 @@ fn run(cli: Cli) -> Result<()> {
                     baseline / seconds
                 );
             }
+            if let Some(batches) = epoch {
+                let timing = bench::time_epoch(&registry, &case, device, batches, workers)?;
+                println!("{timing}");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Loader {
+                    data,
+                    subjects,
+                    more_subjects,
+                    budget_mb,
+                    batch,
+                    window,
+                    case,
+                },
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            if let Some(case) = case {
+                return ivado_runtime::bench_loader::child(&registry, &data, &case);
+            }
+            let mut global = vec!["--device".to_owned(), "cpu".to_owned()];
+            for dir in &cli.plugin_dirs {
+                global.push("--plugin-dir".into());
+                global.push(dir.display().to_string());
+            }
+            let report = ivado_runtime::bench_loader::run(
+                &std::env::current_exe()?,
+                &global,
+                &ivado_runtime::bench_loader::LoaderBench {
+                    data,
+                    subjects,
+                    more_subjects,
+                    budget_mb,
+                    batch_size: batch,
+                    window,
+                },
+            )?;
+            print!("{report}");
             Ok(())
         }
         Command::Bench {

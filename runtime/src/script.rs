@@ -258,6 +258,8 @@ const TRAIN_OPTIONS: &[&str] = &[
     "channels_last",
     "test",
     "object_detection",
+    "num_workers",
+    "prefetch",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -331,6 +333,14 @@ fn prepare_training(
         })
         .transpose()?;
     let precision = option(&options, "precision", "fp32".to_owned(), text)?;
+    let num_workers = match options.get("num_workers") {
+        Some(value) => integer(value).filter(|&n| n >= 0).ok_or_else(|| {
+            script_error(anyhow!(
+                "{function}: `num_workers` must be a non-negative integer, got {value}"
+            ))
+        })? as usize,
+        None => crate::loader::LoaderOptions::default().num_workers,
+    };
     let config = TrainConfig {
         epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
         batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
@@ -355,6 +365,15 @@ fn prepare_training(
         manifest: Value::Null,
         precision: crate::precision::Precision::parse(&precision).map_err(script_error)?,
         channels_last: option(&options, "channels_last", false, |v| v.as_bool().ok())?,
+        num_workers,
+        prefetch: match options.get("prefetch") {
+            Some(value) => integer(value).filter(|&n| n > 0).ok_or_else(|| {
+                script_error(anyhow!(
+                    "{function}: `prefetch` must be a positive integer, got {value}"
+                ))
+            })? as usize,
+            None => crate::loader::LoaderOptions::new(num_workers).prefetch,
+        },
     };
     // The object-detection cascade trains on crops around the detected structure (see cascade.rs).
     let (train_set, valid_set, detection_stage) = match options.get("object_detection") {

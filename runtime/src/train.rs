@@ -8,6 +8,7 @@
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
 use crate::data::SliceSet;
+use crate::loader::{slice_batches, LoaderOptions};
 use crate::losses::{with_script_sources, Loss};
 use crate::metrics::Overlap;
 use crate::model_folder::{self, sha256_file, write_atomic};
@@ -66,6 +67,11 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Convolution weights and batches in the channels-last memory format (faster convolutions on CPU).
     pub channels_last: bool,
+    /// Loader threads that build training batches while the step runs (PyTorch DataLoader's
+    /// `num_workers`); 0 builds each batch in the training thread. Batches are identical either way.
+    pub num_workers: usize,
+    /// Most training batches built ahead of the step, over all workers.
+    pub prefetch: usize,
 }
 
 impl TrainConfig {
@@ -92,6 +98,8 @@ impl TrainConfig {
             manifest: Value::Null,
             precision: Precision::Fp32,
             channels_last: false,
+            num_workers: LoaderOptions::default().num_workers,
+            prefetch: LoaderOptions::default().prefetch,
         }
     }
 }
@@ -108,6 +116,9 @@ pub struct EpochRecord {
     /// Wall time of the training batches alone (loading, augmentation, steps, progress).
     #[serde(default)]
     pub train_seconds: f64,
+    /// Of `train_seconds`, the time the loop waited for a batch (0 when loading hides behind the steps).
+    #[serde(default)]
+    pub wait_seconds: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -166,18 +177,19 @@ pub fn evaluate(
 
 fn write_metrics(path: &Path, history: &[EpochRecord]) -> Result<()> {
     let mut csv = String::from(
-        "epoch,train_loss,valid_loss,valid_dice,learning_rate,seconds,train_seconds\n",
+        "epoch,train_loss,valid_loss,valid_dice,learning_rate,seconds,train_seconds,wait_seconds\n",
     );
     for r in history {
         csv.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{},{:.3},{:.3}\n",
+            "{},{:.6},{:.6},{:.6},{},{:.3},{:.3},{:.3}\n",
             r.epoch,
             r.train_loss,
             r.valid_loss,
             r.valid_dice,
             r.learning_rate,
             r.seconds,
-            r.train_seconds
+            r.train_seconds,
+            r.wait_seconds
         ));
     }
     write_atomic(path, csv.as_bytes())
@@ -567,17 +579,27 @@ impl<'a> Trainer<'a> {
         );
         bar.set_prefix(format!("{epoch}/{}", config.epochs));
         let mut loss_sum = 0.0;
-        for (batch_index, chunk) in order.chunks(batch_size).enumerate() {
-            let (mut images, mut labels) = match &self.augment {
-                Some(live) => self.train_set.augmented_batch(
-                    chunk,
-                    &live.current(),
-                    config.seed,
-                    epoch as u64,
-                    config.device,
-                )?,
-                None => self.train_set.batch(chunk, config.device),
-            };
+        let mut wait_seconds = 0.0;
+        let loader_options = LoaderOptions {
+            num_workers: config.num_workers,
+            prefetch: config.prefetch,
+            worker_threads: 1,
+        };
+        let mut batches_of_epoch = slice_batches(
+            &self.train_set,
+            self.augment.as_deref(),
+            order.chunks(batch_size).map(<[i64]>::to_vec).collect(),
+            config.seed,
+            epoch as u64,
+            config.device,
+            loader_options,
+        );
+        for batch_index in 0..batches {
+            let waited = Instant::now();
+            let (mut images, mut labels) = batches_of_epoch
+                .next()
+                .context("the loader ended before the epoch's last batch")??;
+            wait_seconds += waited.elapsed().as_secs_f64();
             if let Some(alpha) = config.mixup_alpha {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
                 (images, labels) = mixup(&images, &labels, alpha, seed)?;
@@ -614,6 +636,7 @@ impl<'a> Trainer<'a> {
             bar.set_message(format!("loss {value:.4}  lr {:.2e}", self.optimizer.lr()));
             bar.inc(1);
         }
+        drop(batches_of_epoch);
         bar.finish_and_clear();
         self.progress.remove(&bar);
         let train_seconds = started.elapsed().as_secs_f64();
@@ -641,6 +664,7 @@ impl<'a> Trainer<'a> {
             learning_rate,
             seconds: started.elapsed().as_secs_f64(),
             train_seconds,
+            wait_seconds,
         };
         let improved = self.best.is_none_or(|(_, dice)| valid_dice > dice);
         if let Some(early) = self.early_stopping.as_mut() {
@@ -828,6 +852,8 @@ impl<'a> Trainer<'a> {
                 "balanced_epochs": self.config.balanced_epochs,
                 "precision": self.config.precision,
                 "channels_last": self.config.channels_last,
+                "num_workers": self.config.num_workers,
+                "prefetch": self.config.prefetch,
             },
             "preprocess": self.pipeline.specs(),
             "augment": self.augment.as_ref().map(|live| live.current().specs()),

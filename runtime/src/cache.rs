@@ -1,0 +1,594 @@
+//! Caches for the deterministic prefix of the data pipeline (decoding, reorientation, resampling), and a
+//! slice dataset that loads volumes through them on demand instead of holding the whole dataset in RAM.
+//!
+//! - [`MemoryCache`]: least-recently-used values under a byte budget. The bytes it holds never exceed the
+//!   budget: room is made before a value goes in, and a value larger than the whole budget is handed to the
+//!   caller without being kept. Concurrent requests for one key load it once; the others wait for it.
+//! - [`DiskCache`]: one raw file per volume, named by a hash of the source files' paths, sizes and mtimes
+//!   and of the pipeline prefix, written atomically (temporary file + rename), so it survives the process,
+//!   and a changed source file (or prefix) misses instead of returning stale data.
+//! - [`CachedSlices`]: 2D axial slices of a list of image/label pairs. The index comes from the NIfTI
+//!   headers; a slice's volume is prepared on first use (or read from the disk cache) and kept in the
+//!   memory cache. [`CachedSlices::window_order`] shuffles volumes, then slices within windows of a few
+//!   volumes, so an epoch touches each volume in one stretch and a budget of a window's volumes suffices.
+use crate::bids::BidsEntry;
+use crate::data::{preprocess_entry, SliceSet};
+use crate::model_folder::write_atomic;
+use crate::pipeline::{Phase, Pipeline};
+use crate::volume::{Affine, Reorientation};
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use tch::{Kind, Tensor};
+
+/// A value whose size the memory cache counts.
+pub trait Weighed {
+    fn bytes(&self) -> usize;
+}
+
+enum Slot<V> {
+    /// A thread is loading it; others wait for [`MemoryCache::loaded`].
+    Loading,
+    Ready {
+        value: Arc<V>,
+        bytes: usize,
+        last_used: u64,
+    },
+}
+
+struct Lru<V> {
+    slots: HashMap<String, Slot<V>>,
+    held: usize,
+    clock: u64,
+}
+
+/// Counters of a cache's activity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: usize,
+    pub misses: usize,
+    pub evictions: usize,
+    /// Loaded values larger than the budget, used once and not kept.
+    pub too_large: usize,
+    /// The most bytes held at any moment.
+    pub peak_bytes: usize,
+}
+
+/// See the module documentation.
+pub struct MemoryCache<V> {
+    budget: usize,
+    lru: Mutex<Lru<V>>,
+    loaded: Condvar,
+    stats: Mutex<CacheStats>,
+}
+
+impl<V: Weighed> MemoryCache<V> {
+    /// A cache holding at most `budget` bytes (`usize::MAX`: no limit, 0: nothing is kept).
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            lru: Mutex::new(Lru {
+                slots: HashMap::new(),
+                held: 0,
+                clock: 0,
+            }),
+            loaded: Condvar::new(),
+            stats: Mutex::new(CacheStats::default()),
+        }
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lru<V>> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, update: impl FnOnce(&mut CacheStats)) {
+        update(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.lock().held
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keys held, least recently used first.
+    pub fn keys_by_age(&self) -> Vec<String> {
+        let lru = self.lock();
+        let mut keys: Vec<(u64, &String)> = lru
+            .slots
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                Slot::Ready { last_used, .. } => Some((*last_used, key)),
+                Slot::Loading => None,
+            })
+            .collect();
+        keys.sort();
+        keys.into_iter().map(|(_, key)| key.clone()).collect()
+    }
+
+    /// The value of `key`, from the cache or from `load` (called without the lock held).
+    pub fn get_or_load(&self, key: &str, load: impl FnOnce() -> Result<V>) -> Result<Arc<V>> {
+        let mut lru = self.lock();
+        loop {
+            lru.clock += 1;
+            let now = lru.clock;
+            match lru.slots.get_mut(key) {
+                Some(Slot::Ready {
+                    value, last_used, ..
+                }) => {
+                    *last_used = now;
+                    let value = Arc::clone(value);
+                    drop(lru);
+                    self.count(|s| s.hits += 1);
+                    return Ok(value);
+                }
+                Some(Slot::Loading) => {
+                    lru = self.loaded.wait(lru).unwrap_or_else(|p| p.into_inner());
+                }
+                None => break,
+            }
+        }
+        lru.slots.insert(key.to_owned(), Slot::Loading);
+        drop(lru);
+        self.count(|s| s.misses += 1);
+        let loaded = load();
+        let mut lru = self.lock();
+        lru.slots.remove(key);
+        let value = match loaded {
+            Ok(value) => Arc::new(value),
+            Err(error) => {
+                drop(lru);
+                self.loaded.notify_all();
+                return Err(error);
+            }
+        };
+        let bytes = value.bytes();
+        if bytes > self.budget {
+            drop(lru);
+            self.loaded.notify_all();
+            self.count(|s| s.too_large += 1);
+            return Ok(value);
+        }
+        let mut evicted = 0;
+        while lru.held + bytes > self.budget {
+            let oldest = lru
+                .slots
+                .iter()
+                .filter_map(|(key, slot)| match slot {
+                    Slot::Ready { last_used, .. } => Some((*last_used, key.clone())),
+                    Slot::Loading => None,
+                })
+                .min();
+            let Some((_, oldest)) = oldest else { break };
+            if let Some(Slot::Ready { bytes, .. }) = lru.slots.remove(&oldest) {
+                lru.held -= bytes;
+                evicted += 1;
+            }
+        }
+        lru.clock += 1;
+        let last_used = lru.clock;
+        lru.slots.insert(
+            key.to_owned(),
+            Slot::Ready {
+                value: Arc::clone(&value),
+                bytes,
+                last_used,
+            },
+        );
+        lru.held += bytes;
+        let held = lru.held;
+        drop(lru);
+        self.loaded.notify_all();
+        self.count(|s| {
+            s.evictions += evicted;
+            s.peak_bytes = s.peak_bytes.max(held);
+        });
+        Ok(value)
+    }
+}
+
+/// One volume after the cached pipeline prefix: its axial slices, image as f32 and label as 0/1 bytes, both
+/// `[slices, height, width]`, plus each slice's in-plane spacing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedVolume {
+    pub source: String,
+    /// `[slices, height, width]`
+    pub shape: [usize; 3],
+    pub image: Vec<f32>,
+    pub label: Vec<u8>,
+    pub spacing: Vec<Vec<f64>>,
+}
+
+impl Weighed for PreparedVolume {
+    fn bytes(&self) -> usize {
+        self.image.len() * 4 + self.label.len()
+    }
+}
+
+impl PreparedVolume {
+    /// Slice `z` as `[1, H, W]` tensors (image, label as 0/1 floats).
+    pub fn slice(&self, z: usize) -> (Tensor, Tensor) {
+        let [_, height, width] = self.shape;
+        let range = z * height * width..(z + 1) * height * width;
+        let shape = [1, height as i64, width as i64];
+        (
+            Tensor::from_slice(&self.image[range.clone()]).view(shape),
+            Tensor::from_slice(&self.label[range])
+                .view(shape)
+                .to_kind(Kind::Float),
+        )
+    }
+
+    /// Runs `entry`'s axial slices through `pipeline` (see [`preprocess_entry`]).
+    pub fn prepare(entry: &BidsEntry, pipeline: &Pipeline, phase: Phase) -> Result<Self> {
+        let slices = preprocess_entry(entry, pipeline, phase, 0, 0)?;
+        let source = entry.image.display().to_string();
+        let Some((first, _, _)) = slices.first() else {
+            bail!("{source}: no slices");
+        };
+        let plane = first.size();
+        if plane.len() != 3 || plane[0] != 1 {
+            bail!("{source}: preprocessed slices have shape {plane:?}, expected [1, H, W]");
+        }
+        let (height, width) = (plane[1] as usize, plane[2] as usize);
+        let mut image = Vec::with_capacity(slices.len() * height * width);
+        let mut label = Vec::with_capacity(slices.len() * height * width);
+        let mut spacing = Vec::with_capacity(slices.len());
+        for (z, (slice_image, slice_label, slice_spacing)) in slices.iter().enumerate() {
+            if slice_image.size() != plane {
+                bail!(
+                    "{source}: slice {z} has shape {:?} after preprocessing, slice 0 {plane:?}",
+                    slice_image.size()
+                );
+            }
+            image.extend(Vec::<f32>::try_from(slice_image.contiguous().view(-1))?);
+            label.extend(Vec::<u8>::try_from(
+                slice_label.to_kind(Kind::Uint8).contiguous().view(-1),
+            )?);
+            spacing.push(slice_spacing.clone());
+        }
+        Ok(Self {
+            source,
+            shape: [slices.len(), height, width],
+            image,
+            label,
+            spacing,
+        })
+    }
+}
+
+/// Hex sha256 of `text`.
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Identifies a pipeline prefix in cache keys: its saved description and the phase it runs in.
+pub fn prefix_hash(pipeline: &Pipeline, phase: Phase) -> String {
+    sha256_hex(&format!(
+        "{}\0{}",
+        serde_json::Value::from(pipeline.specs()),
+        phase.key()
+    ))
+}
+
+/// `path`'s identity for a cache key: canonical path, size and modification time (ns).
+fn file_identity(path: &Path) -> Result<String> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    Ok(format!(
+        "{}\0{}\0{modified}",
+        canonical.display(),
+        metadata.len()
+    ))
+}
+
+/// The cache key of an image/label pair through a prefix: changes when either file or the prefix does.
+pub fn entry_key(entry: &BidsEntry, prefix: &str) -> Result<String> {
+    let mut identity = file_identity(&entry.image)?;
+    if let Some(label) = &entry.label {
+        identity.push('\0');
+        identity.push_str(&file_identity(label)?);
+    }
+    Ok(sha256_hex(&format!("{identity}\0{prefix}")))
+}
+
+const DISK_MAGIC: &[u8; 8] = b"IVADOVC1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DiskHeader {
+    source: String,
+    shape: [usize; 3],
+    spacing: Vec<Vec<f64>>,
+}
+
+/// See the module documentation. A file that is unreadable or of the wrong length counts as a miss.
+#[derive(Clone, Debug)]
+pub struct DiskCache {
+    dir: PathBuf,
+}
+
+impl DiskCache {
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.vol"))
+    }
+
+    /// The volume stored under `key`, if a complete one is there.
+    pub fn load(&self, key: &str) -> Option<PreparedVolume> {
+        let bytes = std::fs::read(self.path(key)).ok()?;
+        let rest = bytes.strip_prefix(DISK_MAGIC)?;
+        let header_len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
+        let header: DiskHeader = serde_json::from_slice(rest.get(8..8 + header_len)?).ok()?;
+        let data = rest.get(8 + header_len..)?;
+        let count: usize = header.shape.iter().product();
+        if data.len() != count * 5 || header.spacing.len() != header.shape[0] {
+            return None;
+        }
+        let (image, label) = data.split_at(count * 4);
+        Some(PreparedVolume {
+            source: header.source,
+            shape: header.shape,
+            image: image
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            label: label.to_vec(),
+            spacing: header.spacing,
+        })
+    }
+
+    /// Writes `volume` under `key` atomically.
+    pub fn store(&self, key: &str, volume: &PreparedVolume) -> Result<()> {
+        let header = serde_json::to_vec(&DiskHeader {
+            source: volume.source.clone(),
+            shape: volume.shape,
+            spacing: volume.spacing.clone(),
+        })?;
+        let mut bytes = Vec::with_capacity(16 + header.len() + volume.bytes());
+        bytes.extend_from_slice(DISK_MAGIC);
+        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        for value in &volume.image {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes.extend_from_slice(&volume.label);
+        write_atomic(&self.path(key), &bytes)
+    }
+}
+
+/// Where [`CachedSlices`] keeps prepared volumes.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// Bytes of prepared volumes kept in memory (`usize::MAX`: all of them).
+    pub memory_budget: usize,
+    /// A folder for prepared volumes on disk, read before preparing a volume again.
+    pub disk: Option<PathBuf>,
+}
+
+/// The depth (canonical z) of a NIfTI volume, from its header alone.
+fn axial_depth(path: &Path) -> Result<usize> {
+    let header = nifti::NiftiHeader::from_file(path)
+        .with_context(|| format!("failed to read the NIfTI header of {}", path.display()))?;
+    let mut file_shape = [1usize; 3];
+    for (axis, size) in header.dim[1..=3].iter().enumerate() {
+        if axis < header.dim[0] as usize {
+            file_shape[axis] = (*size).max(1) as usize;
+        }
+    }
+    let matrix = header.affine::<f64>();
+    let affine: Affine = std::array::from_fn(|r| std::array::from_fn(|c| matrix[(r, c)]));
+    let reorientation = Reorientation::from_affine(&affine, file_shape)
+        .with_context(|| format!("{}: orientation", path.display()))?;
+    Ok(reorientation.canonical_shape()[2])
+}
+
+/// See the module documentation. Shared by loader workers (`Send + Sync`: it holds no tensor).
+pub struct CachedSlices {
+    entries: Vec<BidsEntry>,
+    /// (volume, slice) of each slice index.
+    slices: Vec<(usize, usize)>,
+    /// Slice index range of each volume.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// Cache key of each volume, from its files' identity when the set was made.
+    keys: Vec<String>,
+    prefix: Pipeline,
+    rest: Pipeline,
+    phase: Phase,
+    memory: MemoryCache<PreparedVolume>,
+    disk: Option<DiskCache>,
+    /// Volumes prepared from their source files (neither cache had them).
+    prepared: AtomicUsize,
+}
+
+impl CachedSlices {
+    /// Indexes `entries` (each needs a label) from their headers. `prefix` is cached per volume; `rest` runs
+    /// on every slice each time it is read. Both must be deterministic. Cache keys are taken now: a file
+    /// changed while the set is in use is seen by the next set made.
+    pub fn new(
+        entries: Vec<BidsEntry>,
+        prefix: Pipeline,
+        rest: Pipeline,
+        phase: Phase,
+        options: &CacheOptions,
+    ) -> Result<Self> {
+        if entries.is_empty() {
+            bail!("no images to load: the dataset split is empty");
+        }
+        let mut slices = Vec::new();
+        let mut ranges = Vec::new();
+        let prefix_hash = prefix_hash(&prefix, phase);
+        let keys = entries
+            .iter()
+            .map(|entry| entry_key(entry, &prefix_hash))
+            .collect::<Result<Vec<_>>>()?;
+        for (volume, entry) in entries.iter().enumerate() {
+            let depth = axial_depth(&entry.image)?;
+            let start = slices.len();
+            slices.extend((0..depth).map(|z| (volume, z)));
+            ranges.push(start..slices.len());
+        }
+        Ok(Self {
+            entries,
+            keys,
+            slices,
+            ranges,
+            prefix,
+            rest,
+            phase,
+            memory: MemoryCache::new(options.memory_budget),
+            disk: options.disk.clone().map(DiskCache::new).transpose()?,
+            prepared: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.slices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty()
+    }
+
+    pub fn volumes(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn memory(&self) -> &MemoryCache<PreparedVolume> {
+        &self.memory
+    }
+
+    /// Volumes prepared from their source files so far.
+    pub fn prepared(&self) -> usize {
+        self.prepared.load(Ordering::SeqCst)
+    }
+
+    /// Volume `index` after the prefix: from memory, else from the disk cache, else from its files.
+    pub fn volume(&self, index: usize) -> Result<Arc<PreparedVolume>> {
+        let entry = &self.entries[index];
+        let key = &self.keys[index];
+        self.memory.get_or_load(key, || {
+            if let Some(volume) = self.disk.as_ref().and_then(|disk| disk.load(key)) {
+                return Ok(volume);
+            }
+            let volume = PreparedVolume::prepare(entry, &self.prefix, self.phase)?;
+            self.prepared.fetch_add(1, Ordering::SeqCst);
+            let expected = self.ranges[index].len();
+            if volume.shape[0] != expected {
+                bail!(
+                    "{}: {} slices after preprocessing, but its header says {expected}",
+                    entry.image.display(),
+                    volume.shape[0]
+                );
+            }
+            if let Some(disk) = &self.disk {
+                disk.store(key, &volume)?;
+            }
+            Ok(volume)
+        })
+    }
+
+    /// Slice `index` through `rest`: `[1, H, W]` image, binary label, spacing.
+    pub fn slice(&self, index: usize) -> Result<(Tensor, Tensor, Vec<f64>)> {
+        let (volume_index, z) = self.slices[index];
+        let volume = self.volume(volume_index)?;
+        let (image, label) = volume.slice(z);
+        let mut sample = ivado_sdk::Sample::new();
+        sample.insert("image", image);
+        sample.insert("label", label);
+        sample.set_spacing(&volume.spacing[z]);
+        let (sample, _) = self
+            .rest
+            .apply_in(self.phase, sample, 0)
+            .with_context(|| format!("preprocessing slice {z} of {}", volume.source))?;
+        Ok((
+            sample.get("image")?.shallow_clone(),
+            sample.get("label")?.ge(0.5).to_kind(Kind::Float),
+            sample.spacing()?,
+        ))
+    }
+
+    /// The slices at `indices` as a small [`SliceSet`] (slice `i` of it is `indices[i]`), for
+    /// [`SliceSet::augmented_batch`].
+    pub fn batch_set(&self, indices: &[i64]) -> Result<SliceSet> {
+        let mut images = Vec::with_capacity(indices.len());
+        let mut labels = Vec::with_capacity(indices.len());
+        let mut spacing = Vec::with_capacity(indices.len());
+        let mut volume_of_slice = Vec::with_capacity(indices.len());
+        let mut volumes = Vec::new();
+        for &index in indices {
+            let (image, label, slice_spacing) = self.slice(index as usize)?;
+            images.push(image);
+            labels.push(label);
+            spacing.push(slice_spacing);
+            volume_of_slice.push(volumes.len());
+            volumes.push(
+                self.entries[self.slices[index as usize].0]
+                    .image
+                    .display()
+                    .to_string(),
+            );
+        }
+        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
+            bail!(
+                "preprocessed slices differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
+                images[0].size(),
+                other.size()
+            );
+        }
+        Ok(SliceSet {
+            images: Tensor::stack(&images, 0),
+            labels: Tensor::stack(&labels, 0),
+            volume_of_slice,
+            volumes,
+            spacing,
+        })
+    }
+
+    /// Every slice once, in a seeded order that keeps memory local: volumes are shuffled, split into windows
+    /// of `window` volumes, and the slices of each window shuffled together.
+    pub fn window_order(&self, seed: u64, window: usize) -> Vec<i64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut volumes: Vec<usize> = (0..self.entries.len()).collect();
+        volumes.shuffle(&mut rng);
+        let mut order = Vec::with_capacity(self.len());
+        for group in volumes.chunks(window.max(1)) {
+            let start = order.len();
+            for &volume in group {
+                order.extend(self.ranges[volume].clone().map(|i| i as i64));
+            }
+            order[start..].shuffle(&mut rng);
+        }
+        order
+    }
+}
