@@ -2,6 +2,7 @@
 //! `docs/architecture.md` is the code map.
 pub mod bench;
 pub mod bench_augment;
+pub mod bench_segment;
 pub mod bids;
 pub mod data;
 pub mod device;
