@@ -339,14 +339,31 @@ impl SegmentOptions {
 /// (`out`: a folder, or a mask file for one volume; default the current folder).
 pub fn options_from_json(value: &Value, device: Device) -> Result<(SegmentOptions, OutputTarget)> {
     const KEYS: [&str; 16] = [
-        "out", "threshold", "soft", "slice_axis", "patch", "stride", "whole_volume", "gaussian",
-        "batch_size", "precision", "stitch_on_cpu", "tta", "mc_dropout", "seed", "metadata", "progress",
+        "out",
+        "threshold",
+        "soft",
+        "slice_axis",
+        "patch",
+        "stride",
+        "whole_volume",
+        "gaussian",
+        "batch_size",
+        "precision",
+        "stitch_on_cpu",
+        "tta",
+        "mc_dropout",
+        "seed",
+        "metadata",
+        "progress",
     ];
     let map = value
         .as_object()
         .ok_or_else(|| anyhow!("segment options must be a map, got {value}"))?;
     if let Some(unknown) = map.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        bail!("segment: unknown option `{unknown}` (known: {})", KEYS.join(", "));
+        bail!(
+            "segment: unknown option `{unknown}` (known: {})",
+            KEYS.join(", ")
+        );
     }
     let count = |key: &str, default: usize| -> Result<usize> {
         match map.get(key) {
@@ -510,7 +527,9 @@ impl MetadataEncoder {
             match field {
                 MetadataField::Categories { key, values } => {
                     let value = metadata.get(key).ok_or_else(|| {
-                        anyhow!("FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)")
+                        anyhow!(
+                            "FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)"
+                        )
                     })?;
                     let text = match value {
                         Value::String(s) => s.clone(),
@@ -523,14 +542,18 @@ impl MetadataEncoder {
                 }
                 MetadataField::Bins { key, edges } => {
                     let value = metadata.get(key).ok_or_else(|| {
-                        anyhow!("FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)")
+                        anyhow!(
+                            "FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)"
+                        )
                     })?;
                     let number = match value {
                         Value::Number(n) => n.as_f64(),
                         Value::String(s) => s.parse().ok(),
                         _ => None,
                     }
-                    .ok_or_else(|| anyhow!("FiLM metadata `{key}` must be a number, got {value}"))?;
+                    .ok_or_else(|| {
+                        anyhow!("FiLM metadata `{key}` must be a number, got {value}")
+                    })?;
                     let bin = edges.iter().filter(|&&edge| number >= edge).count();
                     encoded.extend((0..=edges.len()).map(|i| f32::from(u8::from(i == bin))));
                 }
@@ -606,7 +629,10 @@ const CHANNEL_AFFINE_TOLERANCE_MM: f64 = 1e-3;
 
 /// Reads every channel of `input` and checks they share one voxel grid.
 pub fn load_volume(input: &VolumeInput) -> Result<LoadedVolume> {
-    ensure!(!input.channels.is_empty(), "a volume needs at least one image");
+    ensure!(
+        !input.channels.is_empty(),
+        "a volume needs at least one image"
+    );
     let source = read_volume(&input.channels[0])?;
     let mut data = vec![source.data.shallow_clone()];
     for path in &input.channels[1..] {
@@ -826,7 +852,8 @@ pub fn volume_progress(show: bool, total: u64, name: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tiles {elapsed}")
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tiles {elapsed}")
     {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -1005,14 +1032,12 @@ pub fn postprocess_with_maps(
         sample.insert(name.clone(), lift(map));
     }
     sample.set_spacing(&source.spacing);
-    let (sample, _) = steps
-        .apply_in(Phase::Testing, sample, 0)
-        .with_context(|| {
-            format!(
-                "post-processing the prediction of {}",
-                source.path.display()
-            )
-        })?;
+    let (sample, _) = steps.apply_in(Phase::Testing, sample, 0).with_context(|| {
+        format!(
+            "post-processing the prediction of {}",
+            source.path.display()
+        )
+    })?;
     let prediction = sample.get("prediction")?.shallow_clone();
     Ok(if single {
         prediction.squeeze_dim(0)
@@ -1151,7 +1176,10 @@ pub fn write_outputs(
             if suffix == uncertainty::HARD_SUFFIX {
                 continue;
             }
-            maps.push((suffix.trim_start_matches('_').to_owned(), map.shallow_clone()));
+            maps.push((
+                suffix.trim_start_matches('_').to_owned(),
+                map.shallow_clone(),
+            ));
             if suffix != uncertainty::SOFT_SUFFIX {
                 uncertainty_files.push((suffix, map.shallow_clone()));
             }
@@ -1160,9 +1188,12 @@ pub fn write_outputs(
     let processed = postprocess_with_maps(postprocess_steps, source, &segmentation.soft, &maps)?;
     let binary = processed.ge(options.threshold).to_kind(Kind::Float);
     match target {
-        OutputTarget::File(path) => {
-            written.extend(write_segmentation(source, &processed, path, options.threshold)?)
-        }
+        OutputTarget::File(path) => written.extend(write_segmentation(
+            source,
+            &processed,
+            path,
+            options.threshold,
+        )?),
         OutputTarget::Folder(_) => written.extend(write_per_class(
             source,
             &binary,
@@ -1213,7 +1244,10 @@ pub fn expand_inputs(
     for argument in arguments {
         expand_one(argument, loaded, &mut inputs, 0)?;
     }
-    ensure!(!inputs.is_empty(), "nothing to segment: give an image, a BIDS folder or a list file");
+    ensure!(
+        !inputs.is_empty(),
+        "nothing to segment: give an image, a BIDS folder or a list file"
+    );
     Ok(inputs)
 }
 
@@ -1226,7 +1260,10 @@ fn expand_one(
     let path = Path::new(argument);
     if argument.contains(',') {
         inputs.push(VolumeInput {
-            channels: argument.split(',').map(|p| PathBuf::from(p.trim())).collect(),
+            channels: argument
+                .split(',')
+                .map(|p| PathBuf::from(p.trim()))
+                .collect(),
         });
     } else if path.is_dir() {
         inputs.extend(bids_inputs(path, loaded)?);
@@ -1339,13 +1376,11 @@ pub fn segment_inputs(
     let postprocess_steps = loaded.postprocess.clone();
     std::thread::scope(|scope| -> Result<Vec<Vec<PathBuf>>> {
         let (load_tx, load_rx) = std::sync::mpsc::sync_channel::<Result<LoadedVolume>>(1);
-        let (write_tx, write_rx) =
-            std::sync::mpsc::sync_channel::<(LoadedVolume, Segmentation)>(1);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<(LoadedVolume, Segmentation)>(1);
         scope.spawn(move || {
             for input in inputs {
-                let loaded = load_volume(input).with_context(|| {
-                    format!("loading {:?}", input.channels)
-                });
+                let loaded =
+                    load_volume(input).with_context(|| format!("loading {:?}", input.channels));
                 if load_tx.send(loaded).is_err() {
                     break;
                 }

@@ -392,8 +392,16 @@ fn run(cli: Cli) -> Result<()> {
                         .as_deref()
                         .map(ivado_runtime::tiling::SliceAxis::from_name)
                         .transpose()?,
-                    patch: args.patch.as_deref().map(infer::parse_size_list).transpose()?,
-                    stride: args.stride.as_deref().map(infer::parse_size_list).transpose()?,
+                    patch: args
+                        .patch
+                        .as_deref()
+                        .map(infer::parse_size_list)
+                        .transpose()?,
+                    stride: args
+                        .stride
+                        .as_deref()
+                        .map(infer::parse_size_list)
+                        .transpose()?,
                     whole_volume: args.whole_volume,
                 },
                 gaussian: args.gaussian,

@@ -195,15 +195,22 @@ pub fn set_section(dir: &Path, key: &str, value: &Value) -> Result<()> {
         bail!("`{key}` is not an optional model folder section (expected one of {OPTIONAL_SECTIONS:?})");
     }
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} is not a model folder: cannot read {CONFIG_FILE}", dir.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a model folder: cannot read {CONFIG_FILE}",
+            dir.display()
+        )
+    })?;
     let mut description: Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let Some(map) = description.as_object_mut() else {
         bail!("{}: not a JSON object", path.display());
     };
     map.insert(key.to_owned(), value.clone());
-    write_atomic(&path, serde_json::to_string_pretty(&description)?.as_bytes())
+    write_atomic(
+        &path,
+        serde_json::to_string_pretty(&description)?.as_bytes(),
+    )
 }
 
 /// A model folder brought back to life.

@@ -465,11 +465,14 @@ fn segment_with_options(
     } else {
         vec![images.to_string()]
     };
-    let (options, target) =
-        infer::options_from_json(&to_json(&Dynamic::from(options.clone()))?, context.device.get())
-            .map_err(script_error)?;
+    let (options, target) = infer::options_from_json(
+        &to_json(&Dynamic::from(options.clone()))?,
+        context.device.get(),
+    )
+    .map_err(script_error)?;
     let inputs = infer::expand_inputs(&arguments, &[], &model.0).map_err(script_error)?;
-    let written = infer::segment_inputs(&model.0, &inputs, &target, &options).map_err(script_error)?;
+    let written =
+        infer::segment_inputs(&model.0, &inputs, &target, &options).map_err(script_error)?;
     Ok(written
         .into_iter()
         .flatten()
