@@ -10,7 +10,7 @@ use crate::volume::{Reorientation, Volume};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -97,22 +97,22 @@ fn generated_volume(shape: [i64; 3]) -> Result<LoadedVolume> {
     })
 }
 
-/// Runs every case `repeats` times after one warm-up and returns the printed table. `ivadomed` holds
-/// ivadomed's seconds per volume by case label, printed beside ours.
+/// Runs every case `repeats` times after one warm-up and writes the table to `table` row by row (a case takes
+/// minutes on a CPU). `ivadomed` holds ivadomed's seconds per volume by case label, printed beside ours.
 pub fn run(
+    table: &mut dyn Write,
     registry: &PluginRegistry,
     device: Device,
     shape: [i64; 3],
     tta: usize,
     repeats: usize,
     ivadomed: &BTreeMap<String, f64>,
-) -> Result<String> {
+) -> Result<()> {
     let volume = generated_volume(shape)?;
     let flips = Pipeline::from_specs(
         registry,
         &[json!({"name": "RandomReverse", "config": {}, "dataset_type": ["training"]})],
     )?;
-    let mut table = String::new();
     writeln!(
         table,
         "segmentation of a generated {}x{}x{} volume on {} ({} threads), median of {repeats} after 1 warm-up",
@@ -167,6 +167,7 @@ pub fn run(
             median,
             reference
         )?;
+        table.flush()?;
     }
-    Ok(table)
+    Ok(())
 }

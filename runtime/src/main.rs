@@ -596,18 +596,15 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("--ivadomed {pair}"))?,
                 );
             }
-            print!(
-                "{}",
-                ivado_runtime::bench_segment::run(
-                    &registry,
-                    device,
-                    shape,
-                    tta,
-                    repeats.max(1),
-                    &reference
-                )?
-            );
-            Ok(())
+            ivado_runtime::bench_segment::run(
+                &mut std::io::stdout(),
+                &registry,
+                device,
+                shape,
+                tta,
+                repeats.max(1),
+                &reference,
+            )
         }
         Command::PreviewTransforms {
             config,
