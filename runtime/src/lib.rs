@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_augment;
 pub mod bench_loader;
+pub mod bench_segment;
 pub mod bids;
 pub mod cache;
 pub mod cascade;

@@ -1,5 +1,5 @@
 //! `ivado`: a thin CLI over the runtime library.
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ivado_runtime::device::{self, DeviceRequest};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
@@ -84,20 +84,11 @@ enum Command {
     },
     /// List the plugins found: name, version, kind and components, and files that failed to load.
     Plugins,
-    /// Segment a NIfTI volume with a trained model folder.
-    Segment {
-        /// Model folder written by training (holds ivado_model.json and model.safetensors).
-        #[arg(long)]
-        model: PathBuf,
-        /// Input image (.nii or .nii.gz).
-        image: PathBuf,
-        /// Output mask path.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Binarisation threshold on the soft prediction.
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f64,
-    },
+    /// Segment volumes with a trained model folder: images, multi-contrast volumes (a.nii.gz,b.nii.gz), BIDS
+    /// folders or list files. Writes <stem>_pred.nii.gz (per class: <stem>_class-<k>_pred.nii.gz), and with
+    /// --tta/--mc-dropout the soft map and ivadomed's uncertainty maps (_soft, _unc-vox, _unc-iou, _unc-cv,
+    /// _unc-avgUnc).
+    Segment(SegmentArgs),
     /// Print an architecture's layers and parameter counts, from a model folder or a name and config.
     Summary {
         /// A model folder, or an architecture name such as `unet2d` or `unet:unet3d`.
@@ -166,6 +157,63 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct SegmentArgs {
+    /// Model folder written by training (holds ivado_model.json and model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Images (.nii/.nii.gz), comma-separated channels of one volume, BIDS folders or list files.
+    inputs: Vec<String>,
+    /// One channel of a single multi-contrast volume, in the model's channel order; repeatable.
+    #[arg(long = "channel", value_name = "IMAGE")]
+    channels: Vec<PathBuf>,
+    /// Output folder, or the mask file itself (a .nii/.nii.gz path) for one volume.
+    #[arg(short, long, default_value = ".")]
+    output: PathBuf,
+    /// Binarisation threshold on the soft prediction.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f64,
+    /// Also write the soft prediction (_soft).
+    #[arg(long)]
+    soft: bool,
+    /// Slice axis of a 2D model: axial, sagittal or coronal (default: the model folder's).
+    #[arg(long)]
+    slice_axis: Option<String>,
+    /// Tile size: 2 numbers for 2D patches within slices, 3 for 3D subvolumes (e.g. 64,64 or 48,48,16).
+    #[arg(long)]
+    patch: Option<String>,
+    /// Tile stride (default: the patch size, no overlap).
+    #[arg(long)]
+    stride: Option<String>,
+    /// Run the whole volume at once (3D models).
+    #[arg(long)]
+    whole_volume: bool,
+    /// Weight overlapping tiles with nnU-Net's Gaussian instead of ivadomed's plain average.
+    #[arg(long)]
+    gaussian: bool,
+    /// Tiles per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Forward precision: fp32, bf16 or fp16 (CUDA).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Keep the stitching buffers in host memory.
+    #[arg(long)]
+    stitch_on_cpu: bool,
+    /// Test-time augmentation passes with the training augmentations (aleatoric uncertainty).
+    #[arg(long, default_value_t = 0)]
+    tta: usize,
+    /// Monte-Carlo dropout passes (epistemic uncertainty).
+    #[arg(long, default_value_t = 0)]
+    mc_dropout: usize,
+    /// Seed of the test-time augmentation draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// FiLM metadata KEY=VALUE, over the image's JSON sidecar; repeatable.
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    metadata: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Forward + backward step time of each architecture plugin at ivadomed's default sizes.
@@ -207,6 +255,26 @@ enum BenchCommand {
         /// Loader workers of the epoch.
         #[arg(long, default_value_t = ivado_runtime::loader::LoaderOptions::default().num_workers)]
         workers: usize,
+    },
+    /// Seconds per volume of `segment` on a generated volume: default 2D U-Net on slices and a 3D U-Net on
+    /// subvolumes, without and with test-time augmentation.
+    Segment {
+        /// Volume shape X,Y,Z.
+        #[arg(long, default_value = "256,256,64")]
+        shape: String,
+        /// Test-time augmentation passes of the TTA rows.
+        #[arg(long, default_value_t = 2)]
+        tta: usize,
+        /// Timed runs per case (the median is reported), after one warm-up.
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
+        /// ivadomed's seconds per volume for a case, printed beside ours: LABEL=SECONDS (2d, 2d_tta, 3d,
+        /// 3d_tta); repeatable.
+        #[arg(long = "ivadomed", value_name = "LABEL=SECONDS")]
+        ivadomed: Vec<String>,
+        /// libtorch intra-op threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
     },
     /// Samples/s of the training augmentation pipeline on 2D slices and 3D subvolumes, 1 and T workers.
     Augment {
@@ -350,28 +418,86 @@ fn run(cli: Cli) -> Result<()> {
             let registry = PluginRegistry::discover(&search);
             ivado_runtime::testing::test_command(&args, &registry, device)
         }
-        Command::Segment {
-            model,
-            image,
-            output,
-            threshold,
-        } => {
+        Command::Segment(args) => {
             let registry = PluginRegistry::discover(&search);
-            let loaded = model_folder::load(&model, &registry, device)?;
-            // Through the detection stage when the folder records one (object-detection cascade).
-            let prediction = cascade::segment(
-                &loaded,
-                Some(model.as_path()),
-                &registry,
-                &image,
+            let loaded = model_folder::load(&args.model, &registry, device)?;
+            let precision = ivado_runtime::precision::Precision::parse(&args.precision)?;
+            precision.check(device)?;
+            let options = infer::SegmentOptions {
+                sampling: infer::SamplingOverride {
+                    slice_axis: args
+                        .slice_axis
+                        .as_deref()
+                        .map(ivado_runtime::tiling::SliceAxis::from_name)
+                        .transpose()?,
+                    patch: args
+                        .patch
+                        .as_deref()
+                        .map(infer::parse_size_list)
+                        .transpose()?,
+                    stride: args
+                        .stride
+                        .as_deref()
+                        .map(infer::parse_size_list)
+                        .transpose()?,
+                    whole_volume: args.whole_volume,
+                },
+                gaussian: args.gaussian,
+                batch_size: args.batch_size,
                 device,
-                16,
-            )?;
-            let (source, soft) = (prediction.source, prediction.soft);
-            let written = infer::write_segmentation(&source, &soft, &output, threshold)
-                .with_context(|| format!("writing {}", output.display()))?;
-            for path in written {
-                println!("wrote {}", path.display());
+                precision,
+                stitch_on_cpu: args.stitch_on_cpu,
+                tta: args.tta,
+                mc_dropout: args.mc_dropout,
+                seed: args.seed,
+                threshold: args.threshold,
+                soft: args.soft,
+                metadata: infer::parse_metadata(&args.metadata)?,
+                progress: !cli.no_progress && std::io::stderr().is_terminal(),
+            };
+            let inputs = infer::expand_inputs(&args.inputs, &args.channels, &loaded)?;
+            let target = infer::OutputTarget::from_path(&args.output);
+            if cascade::detection_stage(Some(args.model.as_path()), &loaded.description)?.is_some()
+            {
+                // Object-detection cascade: detection, crop, this model, padded back (see cascade.rs).
+                for input in &inputs {
+                    let [image] = input.channels.as_slice() else {
+                        bail!(
+                            "a cascade model segments single-contrast images; got {} channels",
+                            input.channels.len()
+                        );
+                    };
+                    let prediction = cascade::segment(
+                        &loaded,
+                        Some(args.model.as_path()),
+                        &registry,
+                        image,
+                        device,
+                        args.batch_size,
+                    )?;
+                    let output = match &target {
+                        infer::OutputTarget::File(path) => path.clone(),
+                        infer::OutputTarget::Folder(dir) => {
+                            dir.join(format!("{}_pred.nii.gz", input.stem()))
+                        }
+                    };
+                    let written = infer::write_segmentation(
+                        &prediction.source,
+                        &prediction.soft,
+                        &output,
+                        args.threshold,
+                    )
+                    .with_context(|| format!("writing {}", output.display()))?;
+                    for path in written {
+                        println!("wrote {}", path.display());
+                    }
+                }
+                return Ok(());
+            }
+            for written in infer::segment_inputs(&loaded, &inputs, &target, &options)? {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
             }
             Ok(())
         }
@@ -556,6 +682,46 @@ fn run(cli: Cli) -> Result<()> {
                 bench_augment::run(&registry, device, steps, warmup, threads)?
             );
             Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Segment {
+                    shape,
+                    tta,
+                    repeats,
+                    ivadomed,
+                    threads,
+                },
+        } => {
+            let registry = PluginRegistry::discover(&search);
+            if let Some(threads) = threads {
+                tch::set_num_threads(threads);
+            }
+            let shape = infer::parse_size_list(&shape)?;
+            let shape: [i64; 3] = shape
+                .try_into()
+                .map_err(|s| anyhow::anyhow!("--shape needs 3 sizes, got {s:?}"))?;
+            let mut reference = std::collections::BTreeMap::new();
+            for pair in &ivadomed {
+                let (label, seconds) = pair
+                    .split_once('=')
+                    .context("--ivadomed takes LABEL=SECONDS")?;
+                reference.insert(
+                    label.to_owned(),
+                    seconds
+                        .parse::<f64>()
+                        .with_context(|| format!("--ivadomed {pair}"))?,
+                );
+            }
+            ivado_runtime::bench_segment::run(
+                &mut std::io::stdout(),
+                &registry,
+                device,
+                shape,
+                tta,
+                repeats.max(1),
+                &reference,
+            )
         }
         Command::PreviewTransforms {
             config,

@@ -184,6 +184,35 @@ pub fn save_with_postprocess(
     )
 }
 
+/// Optional sections of `ivado_model.json` that can be added after saving without touching the weights:
+/// `inference` (how the model sees a volume: `slice_axis`, `length_2D`/`stride_2D`, `length_3D`/`stride_3D`,
+/// `whole_volume`; absent means axial slices) and `metadata_encoder` (how FiLM metadata is encoded).
+pub const OPTIONAL_SECTIONS: [&str; 2] = ["inference", "metadata_encoder"];
+
+/// Adds (or replaces) an optional section in a saved model folder's description, atomically.
+pub fn set_section(dir: &Path, key: &str, value: &Value) -> Result<()> {
+    if !OPTIONAL_SECTIONS.contains(&key) {
+        bail!("`{key}` is not an optional model folder section (expected one of {OPTIONAL_SECTIONS:?})");
+    }
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a model folder: cannot read {CONFIG_FILE}",
+            dir.display()
+        )
+    })?;
+    let mut description: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let Some(map) = description.as_object_mut() else {
+        bail!("{}: not a JSON object", path.display());
+    };
+    map.insert(key.to_owned(), value.clone());
+    write_atomic(
+        &path,
+        serde_json::to_string_pretty(&description)?.as_bytes(),
+    )
+}
+
 /// A model folder brought back to life.
 pub struct LoadedModel {
     pub model: PluginModel,

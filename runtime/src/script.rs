@@ -536,6 +536,43 @@ fn segment_to_file(
     Ok(written[0].display().to_string())
 }
 
+/// Segments an image, a multi-contrast volume (`"a.nii.gz,b.nii.gz"`), a BIDS folder, a list file, or an
+/// array of those, with the options of `ivado segment` as a map; returns every file written.
+fn segment_with_options(
+    context: &ScriptContext,
+    model: &TrainedModel,
+    images: &Dynamic,
+    options: &Map,
+) -> ScriptResult<Array> {
+    let arguments: Vec<String> = if let Some(list) = images.clone().try_cast::<Array>() {
+        list.iter()
+            .map(|item| match item.clone().try_cast::<Array>() {
+                Some(channels) => channels
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                None => item.to_string(),
+            })
+            .collect()
+    } else {
+        vec![images.to_string()]
+    };
+    let (options, target) = infer::options_from_json(
+        &to_json(&Dynamic::from(options.clone()))?,
+        context.device.get(),
+    )
+    .map_err(script_error)?;
+    let inputs = infer::expand_inputs(&arguments, &[], &model.0).map_err(script_error)?;
+    let written =
+        infer::segment_inputs(&model.0, &inputs, &target, &options).map_err(script_error)?;
+    Ok(written
+        .into_iter()
+        .flatten()
+        .map(|path| Dynamic::from(path.display().to_string()))
+        .collect())
+}
+
 /// Builds an engine with every primitive registered.
 pub fn engine(context: Rc<ScriptContext>) -> Engine {
     let mut engine = Engine::new();
@@ -1027,6 +1064,15 @@ pub fn engine(context: Rc<ScriptContext>) -> Engine {
             "segment",
             move |model: TrainedModel, image: &str, out: &str| -> ScriptResult<String> {
                 segment_to_file(&context, &model, image, out)
+            },
+        );
+    }
+    {
+        let context = Rc::clone(&context);
+        engine.register_fn(
+            "segment",
+            move |model: TrainedModel, images: Dynamic, options: Map| -> ScriptResult<Array> {
+                segment_with_options(&context, &model, &images, &options)
             },
         );
     }
