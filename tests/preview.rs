@@ -256,16 +256,30 @@ fn bench_augment_prints_a_2d_and_a_3d_row_per_thread_count() {
             )
         })
         .collect();
-    let cases: Vec<(&str, usize)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    // Rows are "<case> <mode> <threads> <samples/s> <ms/sample>": every case and mode at 1 and 2 threads.
+    let cases: std::collections::BTreeSet<(String, usize)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.0.split_whitespace().take(4).collect::<Vec<_>>().join(" "),
+                r.1,
+            )
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<(String, usize)> = [
+        ("2D 1x128x128 + label", 1),
+        ("2D 1x128x128 + label", 2),
+        ("3D 1x48x48x16 + label", 1),
+        ("3D 1x48x48x16 + label", 2),
+    ]
+    .into_iter()
+    .map(|(c, t)| (c.to_owned(), t))
+    .collect();
+    assert_eq!(cases, expected, "{stdout}");
     assert_eq!(
-        cases,
-        [
-            ("2D 1x128x128 + label", 1),
-            ("2D 1x128x128 + label", 2),
-            ("3D 1x48x48x16 + label", 1),
-            ("3D 1x48x48x16 + label", 2),
-        ],
-        "{stdout}"
+        rows.len() % expected.len(),
+        0,
+        "a mode is missing a row:\n{stdout}"
     );
     for (case, threads, per_second, ms) in &rows {
         assert!(
