@@ -1502,10 +1502,9 @@ fn check_label_tree(
                     if parts[0] != subject || file_session != session.as_deref() {
                         tracing::warn!(
                             file = %label.display(),
-                            "misplaced label file: its name says {} {:?} but it is in folder {subject} {:?}; it is not matched to any image",
-                            parts[0],
-                            file_session,
-                            session
+                            "misplaced label file: its name says {} but it is in folder {}; it is not matched to any image",
+                            [Some(parts[0]), file_session].into_iter().flatten().collect::<Vec<_>>().join("/"),
+                            [Some(subject.as_str()), session.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/"),
                         );
                         continue;
                     }
