@@ -522,7 +522,7 @@ fn sagittal_slices_train() {
     assert_trained(&report, 2);
     assert_eq!(&valid.images.size()[1..], &[1, 16, 128]);
     // Only the sagittal slices that cut the cord: far fewer than the 131 of the volume.
-    assert!(valid.len() > 0 && valid.len() < 40, "{}", valid.len());
+    assert!(!valid.is_empty() && valid.len() < 40, "{}", valid.len());
     assert_eq!(output.size(), vec![1, 1, 16, 128]);
 }
 
