@@ -248,6 +248,43 @@ fn phantom_windows_hold_the_voxels_expected_from_their_position() {
         phantom_value(60, 3, 2)
     );
 
+    // ROI filter: the cord as ROI keeps the 10 sagittal slices with more than 0 ROI voxels; a subject
+    // without ROI is skipped, as ivadomed skips it, which leaves nothing to train on.
+    let with_roi: Vec<BidsEntry> = entries[..1]
+        .iter()
+        .map(|e| BidsEntry {
+            roi: Some(dir.path().join("cord.nii.gz")),
+            ..e.clone()
+        })
+        .collect();
+    let roi_options = options(
+        json!({"slice_axis": "sagittal", "roi_params": {"suffix": "_cord", "slice_filter_roi": 0}}),
+    );
+    let roi_filtered =
+        SliceSet::build_sampled(Phase::Training, &with_roi, &empty, 0, &roi_options).unwrap();
+    assert_eq!(roi_filtered.len(), 10);
+    assert_eq!(
+        roi_filtered.images.double_value(&[9, 0, 0, 0]) as f32,
+        phantom_value(69, 0, 0)
+    );
+    let error = SliceSet::build_sampled(Phase::Training, &entries[..1], &empty, 0, &roi_options)
+        .err()
+        .unwrap();
+    assert!(format!("{error:#}").contains("no sample left"), "{error:#}");
+
+    // Patch filter, at training time only: of the 5 x 5 axial 32 x 32 patches per slice (x at 0, 32, 64, 96,
+    // 99), those at x 32 and 64 hold cord voxels (x in 60..70): 2 x 5 per slice.
+    let patch_options = options(json!({
+        "length_2D": [32, 32], "stride_2D": [32, 32], "patch_filter_params": {"filter_empty_mask": true}
+    }));
+    let kept = |phase| {
+        SliceSet::build_sampled(phase, &entries[..1], &empty, 0, &patch_options)
+            .unwrap()
+            .len() as i64
+    };
+    assert_eq!(kept(Phase::Training), nz * 10);
+    assert_eq!(kept(Phase::Validation), nz * 25);
+
     // 3D subvolumes of 32 x 32 x 16 every 32 voxels: tiles at 0, 32, 64, 96 and one flush with the end
     // (131 - 32 = 99 along x, 141 - 32 = 109 along y), Z fastest, so subvolume 5 * 1 + 2 starts at (32, 64, 0).
     let subvolumes = SliceSet::build_sampled(
