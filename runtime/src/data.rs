@@ -1,7 +1,12 @@
-//! From an indexed BIDS dataset to batches: image/label pairs checked against each other, and 2D axial
-//! slices run through the preprocessing pipeline. Splits live in [`crate::split`] (re-exported here).
+//! From an indexed BIDS dataset to batches: image/label pairs checked against each other, and windows (2D
+//! slices along any axis, 2D patches, 3D subvolumes; see [`crate::sampling`]) of one- or multi-channel inputs
+//! with K targets (see [`crate::channels`]) run through the preprocessing pipeline. Splits live in
+//! [`crate::split`] (re-exported here).
 use crate::bids::BidsEntry;
+use crate::channels::{assemble, group_by_subject, Assembled, ChannelParams, MissingContrast};
 use crate::pipeline::{derive_seed, Phase, Pipeline};
+use crate::sampling::{plane_axes, select, Filters, SamplingMode};
+use crate::tiling::SliceAxis;
 use crate::volume::{read_image, read_label, Volume};
 use anyhow::{bail, Context, Result};
 use ivado_sdk::{Batch, Sample};
@@ -99,6 +104,244 @@ pub fn preprocess_entry(
         .collect()
 }
 
+/// How training samples are cut and assembled: ivadomed's loader_parameters `slice_axis`, `length_2D` /
+/// `stride_2D`, `length_3D` / `stride_3D`, the slice, patch and ROI filters, `multichannel` and `soft_gt`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingOptions {
+    pub mode: SamplingMode,
+    pub filters: Filters,
+    /// One sample per subject with its contrasts stacked as channels, instead of one sample per image.
+    pub multichannel: bool,
+    /// Channel order for `multichannel`; empty: the contrasts in order of first appearance in the entries.
+    pub contrasts: Vec<String>,
+    /// Keep targets soft instead of binarising them at 0.5.
+    pub soft_gt: bool,
+}
+
+impl Default for SamplingOptions {
+    /// ivadomed's default: every axial slice, one channel, no filter.
+    fn default() -> Self {
+        Self {
+            mode: SamplingMode::Slices {
+                axis: SliceAxis::Axial,
+            },
+            filters: Filters::default(),
+            multichannel: false,
+            contrasts: Vec::new(),
+            soft_gt: false,
+        }
+    }
+}
+
+impl SamplingOptions {
+    /// The sampling as recorded in a model folder (`data.sampling`), for inference to cut the same windows.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let axis_name = |axis: &SliceAxis| match axis {
+            SliceAxis::Sagittal => "sagittal",
+            SliceAxis::Coronal => "coronal",
+            SliceAxis::Axial => "axial",
+        };
+        let mut value = match &self.mode {
+            SamplingMode::Slices { axis } => json!({"mode": "2d", "slice_axis": axis_name(axis)}),
+            SamplingMode::Patches2D {
+                axis,
+                length,
+                stride,
+            } => json!({
+                "mode": "2d_patches", "slice_axis": axis_name(axis), "length_2D": length, "stride_2D": stride,
+            }),
+            SamplingMode::Subvolumes { length, stride } => {
+                json!({"mode": "3d", "length_3D": length, "stride_3D": stride})
+            }
+            SamplingMode::Volume => json!({"mode": "volume"}),
+        };
+        value["multichannel"] = json!(self.multichannel);
+        value["contrasts"] = json!(self.contrasts);
+        value["soft_gt"] = json!(self.soft_gt);
+        value
+    }
+
+    /// The keys [`SamplingOptions::from_json`] reads (ivadomed's loader_parameters names, plus `contrasts`
+    /// for the channel order).
+    pub const KEYS: &'static [&'static str] = &[
+        "slice_axis",
+        "length_2D",
+        "stride_2D",
+        "length_3D",
+        "stride_3D",
+        "slice_filter_params",
+        "patch_filter_params",
+        "roi_params",
+        "multichannel",
+        "contrasts",
+        "soft_gt",
+    ];
+
+    /// Reads the [`SamplingOptions::KEYS`] of `options` (others are ignored): `length_3D` selects 3D
+    /// subvolumes, a non-empty `length_2D` 2D patches (`stride_*` defaults to the length, no overlap), else
+    /// whole 2D slices along `slice_axis` (default "axial").
+    pub fn from_json(options: &serde_json::Value) -> Result<Self> {
+        use serde_json::Value;
+        let lengths = |key: &str, count: usize| -> Result<Option<Vec<i64>>> {
+            match options.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(items)) if items.is_empty() => Ok(None),
+                Some(Value::Array(items)) => {
+                    let values: Option<Vec<i64>> = items.iter().map(Value::as_i64).collect();
+                    match values {
+                        Some(values) if values.len() == count && values.iter().all(|&v| v > 0) => {
+                            Ok(Some(values))
+                        }
+                        _ => bail!(
+                            "`{key}` must be a list of {count} positive integers, got {}",
+                            items.len()
+                        ),
+                    }
+                }
+                Some(other) => {
+                    bail!("`{key}` must be a list of {count} positive integers, got {other}")
+                }
+            }
+        };
+        let flag = |object: &Value, key: &str, context: &str| -> Result<bool> {
+            match object.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => bail!("`{context}.{key}` must be true or false, got {other}"),
+            }
+        };
+        let filter_flags = |key: &str| -> Result<[bool; 3]> {
+            let Some(object) = options.get(key).filter(|v| !v.is_null()) else {
+                return Ok([false; 3]);
+            };
+            let Some(map) = object.as_object() else {
+                bail!("`{key}` must be a map, got {object}");
+            };
+            const FLAGS: [&str; 3] = [
+                "filter_empty_mask",
+                "filter_absent_class",
+                "filter_empty_input",
+            ];
+            if let Some(unknown) = map.keys().find(|k| !FLAGS.contains(&k.as_str())) {
+                bail!(
+                    "`{key}` has no option `{unknown}` (known: {})",
+                    FLAGS.join(", ")
+                );
+            }
+            Ok([
+                flag(object, FLAGS[0], key)?,
+                flag(object, FLAGS[1], key)?,
+                flag(object, FLAGS[2], key)?,
+            ])
+        };
+        let axis = match options.get("slice_axis") {
+            None | Some(Value::Null) => SliceAxis::Axial,
+            Some(Value::String(name)) => SliceAxis::from_name(name)?,
+            Some(other) => {
+                bail!("`slice_axis` must be \"sagittal\", \"coronal\" or \"axial\", got {other}")
+            }
+        };
+        let mode = match (lengths("length_2D", 2)?, lengths("length_3D", 3)?) {
+            (Some(_), Some(_)) => {
+                bail!("give `length_2D` (2D patches) or `length_3D` (3D subvolumes), not both")
+            }
+            (None, Some(length)) => {
+                let stride = lengths("stride_3D", 3)?.unwrap_or_else(|| length.clone());
+                SamplingMode::Subvolumes {
+                    length: [length[0], length[1], length[2]],
+                    stride: [stride[0], stride[1], stride[2]],
+                }
+            }
+            (Some(length), None) => {
+                let stride = lengths("stride_2D", 2)?.unwrap_or_else(|| length.clone());
+                SamplingMode::Patches2D {
+                    axis,
+                    length: [length[0], length[1]],
+                    stride: [stride[0], stride[1]],
+                }
+            }
+            (None, None) => SamplingMode::Slices { axis },
+        };
+        let [empty_mask, absent_class, empty_input] = filter_flags("slice_filter_params")?;
+        let [patch_empty_mask, patch_absent_class, patch_empty_input] =
+            filter_flags("patch_filter_params")?;
+        let slice_filter_roi = match options.get("roi_params").filter(|v| !v.is_null()) {
+            None => None,
+            Some(roi) => {
+                let Some(map) = roi.as_object() else {
+                    bail!("`roi_params` must be a map, got {roi}");
+                };
+                // The ROI files themselves come with the dataset (`bids(..., #{roi_suffix: ...})`).
+                if let Some(unknown) = map
+                    .keys()
+                    .find(|k| !["suffix", "slice_filter_roi"].contains(&k.as_str()))
+                {
+                    bail!(
+                        "`roi_params` has no option `{unknown}` (known: suffix, slice_filter_roi)"
+                    );
+                }
+                match map.get("slice_filter_roi") {
+                    None | Some(Value::Null) => None,
+                    Some(value) => Some(value.as_i64().filter(|&v| v >= 0).with_context(|| {
+                        format!("`roi_params.slice_filter_roi` must be a non-negative integer, got {value}")
+                    })?),
+                }
+            }
+        };
+        let boolean = |key: &str| -> Result<bool> {
+            match options.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => bail!("`{key}` must be true or false, got {other}"),
+            }
+        };
+        let contrasts = match options.get("contrasts") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .context("`contrasts` must be a list of contrast names")?,
+            Some(other) => bail!("`contrasts` must be a list of contrast names, got {other}"),
+        };
+        Ok(Self {
+            mode,
+            filters: Filters {
+                slice: crate::sampling::SliceFilter {
+                    filter_empty_mask: empty_mask,
+                    filter_absent_class: absent_class,
+                    filter_empty_input: empty_input,
+                },
+                patch: crate::sampling::PatchFilter {
+                    filter_empty_mask: patch_empty_mask,
+                    filter_absent_class: patch_absent_class,
+                    filter_empty_input: patch_empty_input,
+                },
+                slice_filter_roi,
+            },
+            multichannel: boolean("multichannel")?,
+            contrasts,
+            soft_gt: boolean("soft_gt")?,
+        })
+    }
+
+    /// Whether these options cut exactly what [`SliceSet::build_in`] cuts (axial slices of one image each, one
+    /// binary target, no filter), so the original path can serve them.
+    fn is_plain_axial(&self, entries: &[BidsEntry]) -> bool {
+        *self == Self::default() && entries.iter().all(|e| e.targets.len() <= 1)
+    }
+}
+
+/// An entry's target paths, the `label` standing in for entries indexed without a target list.
+fn target_paths(entry: &BidsEntry) -> Vec<Option<std::path::PathBuf>> {
+    if entry.targets.is_empty() {
+        vec![entry.label.clone()]
+    } else {
+        entry.targets.clone()
+    }
+}
+
 /// Preprocessed 2D slices stacked into tensors, with the volume each slice came from.
 pub struct SliceSet {
     /// `[N, 1, H, W]`
@@ -162,6 +405,161 @@ impl SliceSet {
         })
     }
 
+    /// Loads `entries` cut as `options` says: `images` `[N, C, ...]` and `labels` `[N, K, ...]` where `...` is
+    /// (height, width) for the 2D modes and (X, Y, Z) for 3D subvolumes. Each window goes through `pipeline`'s
+    /// `phase` steps. Plain axial slicing takes the [`SliceSet::build_in`] path.
+    pub fn build_sampled(
+        phase: Phase,
+        entries: &[BidsEntry],
+        pipeline: &Pipeline,
+        seed: u64,
+        options: &SamplingOptions,
+    ) -> Result<Self> {
+        if options.is_plain_axial(entries) {
+            Self::build_in(phase, entries, pipeline, seed)
+        } else {
+            Self::build_windows(phase, entries, pipeline, seed, options)
+        }
+    }
+
+    /// [`SliceSet::build_sampled`] always through channels.rs and sampling.rs (for any options).
+    pub fn build_windows(
+        phase: Phase,
+        entries: &[BidsEntry],
+        pipeline: &Pipeline,
+        seed: u64,
+        options: &SamplingOptions,
+    ) -> Result<Self> {
+        if entries.is_empty() {
+            bail!("no images to load: the dataset split is empty");
+        }
+        let entries: Vec<BidsEntry> = entries
+            .iter()
+            .map(|e| BidsEntry {
+                targets: target_paths(e),
+                ..e.clone()
+            })
+            .collect();
+        let classes = entries[0].targets.len();
+        if let Some(other) = entries.iter().find(|e| e.targets.len() != classes) {
+            bail!(
+                "{} has {} targets but {} has {classes}: every image needs the same target suffixes",
+                other.image.display(),
+                other.targets.len(),
+                entries[0].image.display()
+            );
+        }
+        let groups: Vec<Vec<&BidsEntry>> = if options.multichannel {
+            group_by_subject(&entries)
+        } else {
+            entries.iter().map(|e| vec![e]).collect()
+        };
+        let mut all_contrasts: Vec<String> = Vec::new();
+        for entry in &entries {
+            if !all_contrasts.contains(&entry.contrast) {
+                all_contrasts.push(entry.contrast.clone());
+            }
+        }
+        let channel_contrasts = if options.contrasts.is_empty() {
+            all_contrasts
+        } else {
+            options.contrasts.clone()
+        };
+        let training = phase == Phase::Training;
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        let mut volume_of_slice = Vec::new();
+        let mut volumes = Vec::new();
+        let mut spacing = Vec::new();
+        for group in groups {
+            let params = ChannelParams {
+                contrasts: if options.multichannel {
+                    channel_contrasts.clone()
+                } else {
+                    vec![group[0].contrast.clone()]
+                },
+                target_suffixes: (0..classes).map(|k| format!("target {k}")).collect(),
+                missing_contrast: MissingContrast::Skip,
+                soft_gt: options.soft_gt,
+                require_roi: options.filters.slice_filter_roi.is_some(),
+            };
+            // The grid's spacing, from the first file read (channels.rs checks every file shares the grid).
+            let mut volume_spacing: Option<Vec<f64>> = None;
+            let mut load = |path: &std::path::Path| -> Result<Tensor> {
+                let volume = crate::volume::read_volume(path)?;
+                volume_spacing.get_or_insert(volume.spacing.to_vec());
+                Ok(volume.data)
+            };
+            let sample = match assemble(&params, &group, &mut load)? {
+                Assembled::Sample(sample) => sample,
+                Assembled::Skipped { .. } => continue,
+            };
+            let volume_spacing = volume_spacing.context("no file was read")?;
+            let target = sample
+                .target
+                .as_ref()
+                .with_context(|| format!("{}: no target", group[0].image.display()))?;
+            let windows = select(
+                &options.mode,
+                &sample.input,
+                Some(target),
+                sample.roi.as_ref(),
+                &options.filters,
+                training,
+            )?;
+            let volume = volumes.len();
+            for (index, window) in windows.iter().enumerate() {
+                let mut item = Sample::new();
+                item.insert("image", window.extract(&sample.input)?);
+                item.insert("label", window.extract(target)?);
+                let window_spacing: Vec<f64> = match window.axis {
+                    Some(axis) => plane_axes(axis)
+                        .iter()
+                        .map(|&a| volume_spacing[a])
+                        .collect(),
+                    None => volume_spacing.clone(),
+                };
+                item.set_spacing(&window_spacing);
+                let item_seed = derive_seed(seed, (volume as u64) << 20 | index as u64);
+                let (item, _) = pipeline.apply_in(phase, item, item_seed).with_context(|| {
+                    format!(
+                        "preprocessing window {:?}+{:?} of {}",
+                        window.origin,
+                        window.extent,
+                        group[0].image.display()
+                    )
+                })?;
+                let label = item.get("label")?;
+                images.push(item.get("image")?.shallow_clone());
+                labels.push(if options.soft_gt {
+                    label.shallow_clone()
+                } else {
+                    label.ge(0.5).to_kind(Kind::Float)
+                });
+                spacing.push(item.spacing()?);
+                volume_of_slice.push(volume);
+            }
+            volumes.push(group[0].image.display().to_string());
+        }
+        if images.is_empty() {
+            bail!("no sample left to train on: every subject was skipped or every window filtered out");
+        }
+        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
+            bail!(
+                "preprocessed samples differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
+                images[0].size(),
+                other.size()
+            );
+        }
+        Ok(Self {
+            images: Tensor::stack(&images, 0),
+            labels: Tensor::stack(&labels, 0),
+            volume_of_slice,
+            volumes,
+            spacing,
+        })
+    }
+
     /// Another handle on the same slices (tensor storage is shared, not copied), for a loader worker:
     /// tensors are `Send` but not `Sync`, so each thread needs its own handles.
     pub fn share(&self) -> SliceSet {
@@ -191,9 +589,10 @@ impl SliceSet {
 
     /// Whether each slice's label has any foreground.
     pub fn positive(&self) -> Vec<bool> {
-        let sums = self
-            .labels
-            .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
+        let sums =
+            self.labels
+                .flatten(1, -1)
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
         Vec::<f32>::try_from(&sums)
             .unwrap_or_default()
             .into_iter()

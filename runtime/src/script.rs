@@ -260,6 +260,19 @@ const TRAIN_OPTIONS: &[&str] = &[
     "object_detection",
     "num_workers",
     "prefetch",
+    "cache",
+    // sampling (see `data::SamplingOptions::KEYS`)
+    "slice_axis",
+    "length_2D",
+    "stride_2D",
+    "length_3D",
+    "stride_3D",
+    "slice_filter_params",
+    "patch_filter_params",
+    "roi_params",
+    "multichannel",
+    "contrasts",
+    "soft_gt",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -397,23 +410,58 @@ fn prepare_training(
         }
         None => (train_set, valid_set, None),
     };
-    let train_slices =
-        SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed)
+    let mut sampling_json = serde_json::Map::new();
+    for key in crate::data::SamplingOptions::KEYS {
+        if let Some(value) = options.get(*key) {
+            sampling_json.insert((*key).to_owned(), to_json(value)?);
+        }
+    }
+    let sampling = crate::data::SamplingOptions::from_json(&Value::Object(sampling_json))
+        .map_err(|e| script_error(e.context(function.to_owned())))?;
+    let train_slices: crate::train::TrainData<'static> = match options.get("cache") {
+        Some(value) => {
+            if sampling != crate::data::SamplingOptions::default() {
+                return Err(script_error(anyhow!(
+                    "{function}: `cache` trains on plain axial slices only (no other sampling option)"
+                )));
+            }
+            let cache = cache_options(function, &to_json(value)?)?;
+            let set = crate::cache::CachedSlices::new(
+                train_set.entries.to_vec(),
+                Pipeline::default(),
+                pipeline.clone(),
+                Phase::Training,
+                &cache,
+            )
             .map_err(script_error)?;
-    let valid_slices = SliceSet::build_in(
+            crate::train::TrainData::Cached(Arc::new(set))
+        }
+        None => Rc::new(
+            SliceSet::build_sampled(
+                Phase::Training,
+                &train_set.entries,
+                &pipeline,
+                config.seed,
+                &sampling,
+            )
+            .map_err(script_error)?,
+        )
+        .into(),
+    };
+    let valid_slices = SliceSet::build_sampled(
         Phase::Validation,
         &valid_set.entries,
         &pipeline,
         config.seed,
+        &sampling,
     )
     .map_err(script_error)?;
     println!(
-        "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
+        "training {} on {} ({} parameters): {} train samples, {} validation samples from {} volumes",
         model.0.architecture,
         crate::device::describe(config.device),
         model.0.parameter_count(),
         train_slices.len(),
-        train_slices.volumes.len(),
         valid_slices.len(),
         valid_slices.volumes.len()
     );
@@ -431,8 +479,10 @@ fn prepare_training(
         .chain(valid_set.entries.iter())
         .cloned()
         .collect();
+    let sampling_record = sampling.to_json();
     let mut data = json!({
-        "slice_axis": "axial",
+        "slice_axis": sampling_record.get("slice_axis").cloned().unwrap_or(Value::Null),
+        "sampling": sampling_record,
         "contrasts": contrasts,
         "seed": config.seed,
         "dataset_fingerprint": model_folder::dataset_fingerprint(&all_entries),
@@ -448,13 +498,55 @@ fn prepare_training(
     Trainer::new(
         Rc::clone(&model.0),
         Rc::new(pipeline),
-        Rc::new(train_slices),
+        train_slices,
         Rc::new(valid_slices),
         data,
         config,
         augment.map(|live| Held::Shared(Rc::new(live))),
     )
     .map_err(script_error)
+}
+
+/// `cache: #{budget_mb: N, disk: "<dir>"}`: train on lazily read slices, holding at most N MiB of prepared
+/// volumes in memory (default: no limit) and keeping prepared volumes in `disk` when given.
+fn cache_options(function: &str, value: &Value) -> ScriptResult<crate::cache::CacheOptions> {
+    let Some(map) = value.as_object() else {
+        return Err(script_error(anyhow!(
+            "{function}: `cache` must be a map like #{{budget_mb: 512, disk: \"cache\"}}"
+        )));
+    };
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !["budget_mb", "disk"].contains(&k.as_str()))
+    {
+        return Err(script_error(anyhow!(
+            "{function}: `cache` has no option `{unknown}` (known: budget_mb, disk)"
+        )));
+    }
+    let memory_budget = match map.get("budget_mb") {
+        None => usize::MAX,
+        Some(budget) => {
+            let megabytes = budget.as_f64().filter(|&b| b >= 0.0).ok_or_else(|| {
+                script_error(anyhow!(
+                    "{function}: `cache.budget_mb` must be a non-negative number, got {budget}"
+                ))
+            })?;
+            (megabytes * 1024.0 * 1024.0) as usize
+        }
+    };
+    let disk = match map.get("disk") {
+        None => None,
+        Some(Value::String(dir)) => Some(PathBuf::from(dir)),
+        Some(other) => {
+            return Err(script_error(anyhow!(
+                "{function}: `cache.disk` must be a folder path, got {other}"
+            )))
+        }
+    };
+    Ok(crate::cache::CacheOptions {
+        memory_budget,
+        disk,
+    })
 }
 
 /// One epoch's record as a script map.

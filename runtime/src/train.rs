@@ -7,8 +7,9 @@
 //! from it at the start of every epoch. So a checkpoint only has to hold weights, optimizer and scheduler
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
+use crate::cache::CachedSlices;
 use crate::data::SliceSet;
-use crate::loader::{slice_batches, LoaderOptions};
+use crate::loader::{cached_batches, slice_batches, LoaderOptions};
 use crate::losses::{with_script_sources, Loss};
 use crate::metrics::Overlap;
 use crate::model_folder::{self, sha256_file, write_atomic};
@@ -26,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -333,12 +335,65 @@ impl<T> From<Rc<T>> for Held<'_, T> {
     }
 }
 
+/// The training samples: every one in memory, or read lazily through [`CachedSlices`] under a memory budget
+/// (2D axial slices).
+pub enum TrainData<'a> {
+    Memory(Held<'a, SliceSet>),
+    Cached(Arc<CachedSlices>),
+}
+
+impl TrainData<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Memory(set) => set.len(),
+            TrainData::Cached(set) => set.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a> From<&'a SliceSet> for TrainData<'a> {
+    fn from(value: &'a SliceSet) -> Self {
+        TrainData::Memory(Held::Borrowed(value))
+    }
+}
+
+impl From<Rc<SliceSet>> for TrainData<'_> {
+    fn from(value: Rc<SliceSet>) -> Self {
+        TrainData::Memory(Held::Shared(value))
+    }
+}
+
+impl From<Arc<CachedSlices>> for TrainData<'_> {
+    fn from(value: Arc<CachedSlices>) -> Self {
+        TrainData::Cached(value)
+    }
+}
+
+/// Volumes whose slices a lazy epoch shuffles together: few enough that their prepared volumes stay in a
+/// small memory budget, while batches still mix volumes.
+const CACHED_SHUFFLE_WINDOW: usize = 2;
+
+/// One 2D plane per sample for the QC grid: the first channel, and the middle Z slice of 3D samples.
+fn qc_planes(t: &Tensor) -> Tensor {
+    let first = t.narrow(1, 0, 1);
+    if first.dim() == 5 {
+        let depth = first.size()[4];
+        first.select(4, depth / 2)
+    } else {
+        first
+    }
+}
+
 /// One training run, epoch by epoch. [`train`] drives it to the end; a script can call
 /// [`Trainer::run_epoch`] itself to act between epochs (`Trainer<'static>` with shared inputs).
 pub struct Trainer<'a> {
     model: Held<'a, PluginModel>,
     pipeline: Held<'a, Pipeline>,
-    train_set: Held<'a, SliceSet>,
+    train_set: TrainData<'a>,
     valid_set: Held<'a, SliceSet>,
     data: Value,
     /// Its `loss` has the source text of any script loss filled in (see `losses::with_script_sources`).
@@ -369,7 +424,7 @@ impl<'a> Trainer<'a> {
     pub fn new(
         model: impl Into<Held<'a, PluginModel>>,
         pipeline: impl Into<Held<'a, Pipeline>>,
-        train_set: impl Into<Held<'a, SliceSet>>,
+        train_set: impl Into<TrainData<'a>>,
         valid_set: impl Into<Held<'a, SliceSet>>,
         data: Value,
         mut config: TrainConfig,
@@ -383,6 +438,10 @@ impl<'a> Trainer<'a> {
                 train_set.len(),
                 valid_set.len()
             );
+        }
+        if matches!(train_set, TrainData::Cached(_)) && config.balanced_epochs > 0 {
+            // Balancing needs every slice's label up front, which a lazy set does not hold.
+            bail!("balanced_epochs needs the training slices in memory: remove `cache` or `balanced_epochs`");
         }
         std::fs::create_dir_all(&config.out_dir)
             .with_context(|| format!("creating {}", config.out_dir.display()))?;
@@ -563,10 +622,10 @@ impl<'a> Trainer<'a> {
         seed_epoch(config.seed, epoch);
         let batch_size = config.batch_size.max(1);
         let order_seed = derive_seed(config.seed, epoch as u64);
-        let order = if epoch <= config.balanced_epochs {
-            self.train_set.balanced(order_seed)
-        } else {
-            self.train_set.shuffled(order_seed)
+        let order = match &self.train_set {
+            TrainData::Memory(set) if epoch <= config.balanced_epochs => set.balanced(order_seed),
+            TrainData::Memory(set) => set.shuffled(order_seed),
+            TrainData::Cached(set) => set.window_order(order_seed, CACHED_SHUFFLE_WINDOW),
         };
         let batches = order.len().div_ceil(batch_size);
         let bar = self.progress.add(ProgressBar::new(batches as u64));
@@ -585,15 +644,27 @@ impl<'a> Trainer<'a> {
             prefetch: config.prefetch,
             worker_threads: 1,
         };
-        let mut batches_of_epoch = slice_batches(
-            &self.train_set,
-            self.augment.as_deref(),
-            order.chunks(batch_size).map(<[i64]>::to_vec).collect(),
-            config.seed,
-            epoch as u64,
-            config.device,
-            loader_options,
-        );
+        let batch_indices: Vec<Vec<i64>> = order.chunks(batch_size).map(<[i64]>::to_vec).collect();
+        let mut batches_of_epoch = match &self.train_set {
+            TrainData::Memory(set) => slice_batches(
+                set,
+                self.augment.as_deref(),
+                batch_indices,
+                config.seed,
+                epoch as u64,
+                config.device,
+                loader_options,
+            ),
+            TrainData::Cached(set) => cached_batches(
+                Arc::clone(set),
+                self.augment.as_deref().cloned(),
+                batch_indices,
+                config.seed,
+                epoch as u64,
+                config.device,
+                loader_options,
+            ),
+        };
         for batch_index in 0..batches {
             let waited = Instant::now();
             let (mut images, mut labels) = batches_of_epoch
@@ -724,9 +795,9 @@ impl<'a> Trainer<'a> {
             .to_kind(Kind::Float)
             .to_device(Device::Cpu);
             Some(qc_grid(
-                &images.to_device(Device::Cpu),
-                &labels.to_device(Device::Cpu),
-                &predictions,
+                &qc_planes(&images.to_device(Device::Cpu)),
+                &qc_planes(&labels.to_device(Device::Cpu)),
+                &qc_planes(&predictions),
             )?)
         };
         self.outputs.epoch(
