@@ -260,6 +260,7 @@ const TRAIN_OPTIONS: &[&str] = &[
     "object_detection",
     "num_workers",
     "prefetch",
+    "metadata",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -341,7 +342,19 @@ fn prepare_training(
         })? as usize,
         None => crate::loader::LoaderOptions::default().num_workers,
     };
-    let config = TrainConfig {
+    let metadata = match options.get("metadata") {
+        None => None,
+        Some(value) => match text(value).as_deref() {
+            Some("mri_params") => Some("mri_params"),
+            _ => {
+                return Err(script_error(anyhow!(
+                    "{function}: `metadata` must be \"mri_params\" (FiLM on FlipAngle, RepetitionTime, \
+                     EchoTime and Manufacturer), got {value}"
+                )))
+            }
+        },
+    };
+    let mut config = TrainConfig {
         epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
         batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
         seed: option(&options, "seed", 0, integer)? as u64,
@@ -374,6 +387,7 @@ fn prepare_training(
             })? as usize,
             None => crate::loader::LoaderOptions::new(num_workers).prefetch,
         },
+        metadata_encoder: None,
     };
     // The object-detection cascade trains on crops around the detected structure (see cascade.rs).
     let (train_set, valid_set, detection_stage) = match options.get("object_detection") {
@@ -397,16 +411,34 @@ fn prepare_training(
         }
         None => (train_set, valid_set, None),
     };
-    let train_slices =
+    let mut train_slices =
         SliceSet::build_in(Phase::Training, &train_set.entries, &pipeline, config.seed)
             .map_err(script_error)?;
-    let valid_slices = SliceSet::build_in(
+    let mut valid_slices = SliceSet::build_in(
         Phase::Validation,
         &valid_set.entries,
         &pipeline,
         config.seed,
     )
     .map_err(script_error)?;
+    if metadata.is_some() {
+        // ivadomed's FiLM input: fitted on the training set only, then applied to both sets.
+        let mut film = || -> anyhow::Result<Value> {
+            use crate::channels::{check_film_model, mri_params_of_entries, FilmEncoder};
+            let train_params = mri_params_of_entries(&train_set.entries)?;
+            let encoder = FilmEncoder::fit(&train_params)?;
+            check_film_model(&model.0.architecture, &model.0.config, &encoder)?;
+            let valid_params = mri_params_of_entries(&valid_set.entries)?;
+            let encode = |params: &[crate::channels::MriParams]| -> Vec<Vec<f32>> {
+                params.iter().map(|p| encoder.encode(p)).collect()
+            };
+            train_slices.set_metadata(&encode(&train_params))?;
+            valid_slices.set_metadata(&encode(&valid_params))?;
+            Ok(encoder.to_json())
+        };
+        config.metadata_encoder =
+            Some(film().map_err(|e| script_error(e.context(format!("{function}: metadata"))))?);
+    }
     println!(
         "training {} on {} ({} parameters): {} train slices from {} volumes, {} validation slices from {} volumes",
         model.0.architecture,
@@ -444,6 +476,9 @@ fn prepare_training(
     }
     if let Some(stage) = detection_stage {
         data["object_detection"] = stage;
+    }
+    if let Some(kind) = metadata {
+        data["metadata"] = json!(kind);
     }
     Trainer::new(
         Rc::clone(&model.0),
