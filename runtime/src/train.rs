@@ -606,16 +606,14 @@ impl<'a> Trainer<'a> {
             config.device,
             loader_options,
         );
-        for batch_index in 0..batches {
+        for (batch_index, indices) in batch_indices.iter().enumerate() {
             let waited = Instant::now();
             let (mut images, mut labels) = batches_of_epoch
                 .next()
                 .context("the loader ended before the epoch's last batch")??;
             wait_seconds += waited.elapsed().as_secs_f64();
             // Metadata is per volume, so augmentation leaves it as it is (mixup too, as in ivadomed).
-            let metadata = self
-                .train_set
-                .metadata_batch(&batch_indices[batch_index], config.device);
+            let metadata = self.train_set.metadata_batch(indices, config.device);
             if let Some(alpha) = config.mixup_alpha {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
                 (images, labels) = mixup(&images, &labels, alpha, seed)?;
