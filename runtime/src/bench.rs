@@ -297,6 +297,7 @@ pub fn time_epoch(
         volume_of_slice: whole.volume_of_slice[..slices].to_vec(),
         volumes: whole.volumes.clone(),
         spacing: whole.spacing[..slices].to_vec(),
+        metadata: None,
     };
     let valid_set = SliceSet::build(&entries[train_subjects..], &preprocess, BENCH_SEED)?;
     let augment = LivePipeline::new(pipeline_from_specs(registry, &augment_specs())?);

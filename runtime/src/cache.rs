@@ -572,6 +572,7 @@ impl CachedSlices {
             volume_of_slice,
             volumes,
             spacing,
+            metadata: None,
         })
     }
 

@@ -339,7 +339,7 @@ impl MriParams {
     pub const KEYS: [&'static str; 4] = ["FlipAngle", "RepetitionTime", "EchoTime", "Manufacturer"];
 
     /// The parameters from the entry's metadata, falling back to its JSON sidecar. A missing or unreadable
-    /// key is an error naming it (ivadomed skips such a subject).
+    /// key is an error naming the image and the key (ivadomed skips such a subject).
     pub fn from_entry(entry: &BidsEntry) -> Result<MriParams> {
         let sidecar: Option<serde_json::Map<String, serde_json::Value>> = match &entry.sidecar {
             Some(path) if Self::KEYS.iter().any(|k| !entry.metadata.contains_key(*k)) => {
@@ -352,28 +352,44 @@ impl MriParams {
             }
             _ => None,
         };
-        let raw = |key: &str| -> Option<String> {
-            entry.metadata.get(key).cloned().or_else(|| {
-                sidecar.as_ref()?.get(key).map(|v| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-            })
-        };
+        Self::from_lookup(&entry.image.display().to_string(), |key| {
+            entry
+                .metadata
+                .get(key)
+                .cloned()
+                .or_else(|| sidecar.as_ref()?.get(key).map(value_text))
+        })
+    }
+
+    /// The parameters from a JSON key/value map (an image's sidecar with command-line overrides, at
+    /// inference). `source` names the image in errors.
+    pub fn from_json_map(
+        map: &std::collections::BTreeMap<String, serde_json::Value>,
+        source: &str,
+    ) -> Result<MriParams> {
+        Self::from_lookup(source, |key| map.get(key).map(value_text))
+    }
+
+    fn from_lookup(source: &str, raw: impl Fn(&str) -> Option<String>) -> Result<MriParams> {
         let number = |key: &str| -> Result<f64> {
-            let text =
-                raw(key).with_context(|| format!("{} has no {key}", entry.image.display()))?;
-            mean_of(&text).with_context(|| {
-                format!("{}: {key} {text:?} is not a number", entry.image.display())
-            })
+            let text = raw(key).with_context(|| format!("{source} has no {key}"))?;
+            mean_of(&text).with_context(|| format!("{source}: {key} {text:?} is not a number"))
         };
         Ok(MriParams {
             flip_angle: number("FlipAngle")?,
             repetition_time: number("RepetitionTime")?,
             echo_time: number("EchoTime")?,
             manufacturer: raw("Manufacturer")
-                .with_context(|| format!("{} has no Manufacturer", entry.image.display()))?,
+                .with_context(|| format!("{source} has no Manufacturer"))?,
         })
+    }
+}
+
+/// A sidecar value as text: strings as they are, anything else (numbers, lists) as JSON.
+fn value_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -515,6 +531,54 @@ impl FilmEncoder {
         Self::from_json(&serde_json::from_str(&text)?)
             .with_context(|| format!("{}", path.display()))
     }
+}
+
+/// The model folder section (`ivado_model.json`) that holds the fitted [`FilmEncoder`].
+pub const METADATA_ENCODER_SECTION: &str = "metadata_encoder";
+
+/// Whether a model takes FiLM metadata as its second input: a FiLM architecture, or any `film_layers` flag
+/// switched on.
+pub fn takes_film_metadata(architecture: &str, config: &serde_json::Value) -> bool {
+    architecture.contains("film")
+        || config["film_layers"]
+            .as_array()
+            .is_some_and(|layers| layers.iter().any(|l| l.as_f64().unwrap_or(0.0) != 0.0))
+}
+
+/// Refuses a model that cannot take `encoder`'s vectors: not FiLM-capable, or `n_metadata` differs from
+/// the encoded length.
+pub fn check_film_model(
+    architecture: &str,
+    config: &serde_json::Value,
+    encoder: &FilmEncoder,
+) -> Result<()> {
+    ensure!(
+        takes_film_metadata(architecture, config),
+        "`metadata: \"mri_params\"` needs a FiLM model (e.g. film_unet), but {architecture} takes no \
+         metadata input"
+    );
+    let expected = config["n_metadata"].as_i64();
+    ensure!(
+        expected == Some(encoder.len() as i64),
+        "{architecture} takes n_metadata = {}, but the mri_params encoder fitted on the training set gives \
+         {} values (FlipAngle, RepetitionTime, EchoTime and {} manufacturer(s) {:?}): set n_metadata to {}",
+        expected.map_or("unset".to_owned(), |n| n.to_string()),
+        encoder.len(),
+        encoder.manufacturer_codes.len(),
+        encoder.manufacturer_codes,
+        encoder.len()
+    );
+    Ok(())
+}
+
+/// Every entry's FiLM parameters; the first entry lacking one is an error naming it and the key.
+pub fn mri_params_of_entries(entries: &[BidsEntry]) -> Result<Vec<MriParams>> {
+    entries
+        .iter()
+        .map(|entry| {
+            MriParams::from_entry(entry).context("metadata \"mri_params\" needs FlipAngle, RepetitionTime, EchoTime and Manufacturer for every image")
+        })
+        .collect()
 }
 
 /// The FiLM parameters of each sample's entries (the first present channel's), or the reason a sample

@@ -354,6 +354,9 @@ pub struct SliceSet {
     pub volumes: Vec<String>,
     /// Physical spacing of each slice after preprocessing (mm per axis), for augmentations that work in mm.
     pub spacing: Vec<Vec<f64>>,
+    /// `[N, M]` FiLM metadata per slice (its volume's encoded vector), the model's second input; `None` for
+    /// a model without FiLM.
+    pub metadata: Option<Tensor>,
 }
 
 impl SliceSet {
@@ -402,6 +405,35 @@ impl SliceSet {
             volume_of_slice,
             volumes,
             spacing,
+            metadata: None,
+        })
+    }
+
+    /// Gives every slice its volume's FiLM vector: `per_volume[v]` for the slices of `volumes[v]`.
+    pub fn set_metadata(&mut self, per_volume: &[Vec<f32>]) -> Result<()> {
+        if per_volume.len() != self.volumes.len() {
+            bail!(
+                "{} metadata vectors for {} volumes",
+                per_volume.len(),
+                self.volumes.len()
+            );
+        }
+        let width = per_volume.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = self
+            .volume_of_slice
+            .iter()
+            .flat_map(|&v| per_volume[v].iter().copied())
+            .collect();
+        self.metadata = Some(Tensor::from_slice(&flat).reshape([self.len() as i64, width as i64]));
+        Ok(())
+    }
+
+    /// The FiLM metadata of the slices `indices` (`[B, M]`) on `device`, when the set has any.
+    pub fn metadata_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
+        self.metadata.as_ref().map(|metadata| {
+            metadata
+                .index_select(0, &Tensor::from_slice(indices))
+                .to_device(device)
         })
     }
 
@@ -557,6 +589,7 @@ impl SliceSet {
             volume_of_slice,
             volumes,
             spacing,
+            metadata: None,
         })
     }
 
@@ -569,6 +602,7 @@ impl SliceSet {
             volume_of_slice: self.volume_of_slice.clone(),
             volumes: self.volumes.clone(),
             spacing: self.spacing.clone(),
+            metadata: self.metadata.as_ref().map(Tensor::shallow_clone),
         }
     }
 

@@ -15,6 +15,7 @@
 //! [`segment_inputs`] segments many volumes: a reader thread loads the next volume while the current one
 //! computes, and a writer thread post-processes and writes the previous one.
 use crate::bids::{BidsIndex, BidsQuery};
+use crate::channels::{FilmEncoder, MriParams};
 use crate::model_folder::LoadedModel;
 use crate::pipeline::{derive_seed, Phase, Pipeline};
 use crate::precision::{autocast, Precision};
@@ -453,123 +454,11 @@ pub fn explain_out_of_memory(error: anyhow::Error, options: &SegmentOptions) -> 
     )
 }
 
-/// FiLM metadata encoding, from the model folder's `metadata_encoder` section:
-/// `{"fields": [{"key": "Manufacturer", "categories": ["GE", "Siemens"]}, {"key": "FlipAngle", "bins": [45, 90]}]}`.
-/// Each field is one-hot encoded, categorical fields by category, numeric ones by the interval between
-/// `bins` edges they fall in (ivadomed clusters numeric metadata, then one-hot encodes the cluster), and the
-/// fields are concatenated in order.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MetadataEncoder {
-    fields: Vec<MetadataField>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum MetadataField {
-    Categories { key: String, values: Vec<String> },
-    Bins { key: String, edges: Vec<f64> },
-}
-
-pub const METADATA_ENCODER_SECTION: &str = "metadata_encoder";
-
-impl MetadataEncoder {
-    pub fn from_section(section: &Value) -> Result<Self> {
-        let fields = section["fields"]
-            .as_array()
-            .ok_or_else(|| anyhow!("`{METADATA_ENCODER_SECTION}.fields` must be a list"))?;
-        let mut parsed = Vec::new();
-        for field in fields {
-            let key = field["key"]
-                .as_str()
-                .ok_or_else(|| anyhow!("metadata field without a `key`: {field}"))?
-                .to_owned();
-            if let Some(categories) = field["categories"].as_array() {
-                let values = categories
-                    .iter()
-                    .map(|c| match c {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })
-                    .collect();
-                parsed.push(MetadataField::Categories { key, values });
-            } else if let Some(bins) = field["bins"].as_array() {
-                let edges = bins
-                    .iter()
-                    .map(Value::as_f64)
-                    .collect::<Option<Vec<f64>>>()
-                    .ok_or_else(|| anyhow!("metadata field `{key}`: `bins` must be numbers"))?;
-                parsed.push(MetadataField::Bins { key, edges });
-            } else {
-                bail!("metadata field `{key}` needs `categories` or `bins`");
-            }
-        }
-        Ok(Self { fields: parsed })
-    }
-
-    /// Length of the encoded vector.
-    pub fn len(&self) -> usize {
-        self.fields
-            .iter()
-            .map(|f| match f {
-                MetadataField::Categories { values, .. } => values.len(),
-                MetadataField::Bins { edges, .. } => edges.len() + 1,
-            })
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The one-hot vector of `metadata`; a missing key or an unknown category is an error naming it.
-    pub fn encode(&self, metadata: &BTreeMap<String, Value>) -> Result<Vec<f32>> {
-        let mut encoded = Vec::with_capacity(self.len());
-        for field in &self.fields {
-            match field {
-                MetadataField::Categories { key, values } => {
-                    let value = metadata.get(key).ok_or_else(|| {
-                        anyhow!(
-                            "FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)"
-                        )
-                    })?;
-                    let text = match value {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    let index = values.iter().position(|v| *v == text).ok_or_else(|| {
-                        anyhow!("FiLM metadata `{key}` = {text:?} is not one of {values:?} seen in training")
-                    })?;
-                    encoded.extend((0..values.len()).map(|i| f32::from(u8::from(i == index))));
-                }
-                MetadataField::Bins { key, edges } => {
-                    let value = metadata.get(key).ok_or_else(|| {
-                        anyhow!(
-                            "FiLM metadata `{key}` is missing (sidecar or --metadata {key}=...)"
-                        )
-                    })?;
-                    let number = match value {
-                        Value::Number(n) => n.as_f64(),
-                        Value::String(s) => s.parse().ok(),
-                        _ => None,
-                    }
-                    .ok_or_else(|| {
-                        anyhow!("FiLM metadata `{key}` must be a number, got {value}")
-                    })?;
-                    let bin = edges.iter().filter(|&&edge| number >= edge).count();
-                    encoded.extend((0..=edges.len()).map(|i| f32::from(u8::from(i == bin))));
-                }
-            }
-        }
-        Ok(encoded)
-    }
-}
+pub use crate::channels::METADATA_ENCODER_SECTION;
 
 /// Whether the model takes FiLM metadata as its second input.
 pub fn is_film(loaded: &LoadedModel) -> bool {
-    let config = &loaded.model.config;
-    loaded.model.architecture.contains("film")
-        || config["film_layers"]
-            .as_array()
-            .is_some_and(|layers| layers.iter().any(|l| l.as_f64().unwrap_or(0.0) != 0.0))
+    crate::channels::takes_film_metadata(&loaded.model.architecture, &loaded.model.config)
 }
 
 /// Number of input channels the model expects (`in_channels`, or 1, ivadomed's default).
@@ -861,6 +750,21 @@ pub fn volume_progress(show: bool, total: u64, name: &str) -> ProgressBar {
     bar
 }
 
+/// The FiLM input vector of an image: its sidecar with `overrides` (`--metadata key=value`) on top, read as
+/// ivadomed's mri_params and encoded with the training set's encoder. A missing key names the way to give it.
+pub fn encode_metadata(
+    encoder: &FilmEncoder,
+    sidecar: &BTreeMap<String, Value>,
+    overrides: &BTreeMap<String, Value>,
+) -> Result<Vec<f32>> {
+    let mut metadata = sidecar.clone();
+    metadata.extend(overrides.clone());
+    let params = MriParams::from_json_map(&metadata, "the image").map_err(|e| {
+        anyhow!("{e:#} (give it in the image's JSON sidecar or with --metadata KEY=VALUE)")
+    })?;
+    Ok(encoder.encode(&params))
+}
+
 /// The FiLM metadata vector for `volume`, or `None` for a model without FiLM.
 fn metadata_vector(
     loaded: &LoadedModel,
@@ -877,11 +781,9 @@ fn metadata_vector(
              metadata into the network's input; re-save the model with the encoder used in training"
         );
     }
-    let encoder = MetadataEncoder::from_section(section)?;
-    let mut metadata = volume.sidecar.clone();
-    metadata.extend(options.metadata.clone());
-    let encoded = encoder
-        .encode(&metadata)
+    let encoder = FilmEncoder::from_json(section)
+        .with_context(|| format!("the model folder's `{METADATA_ENCODER_SECTION}`"))?;
+    let encoded = encode_metadata(&encoder, &volume.sidecar, &options.metadata)
         .with_context(|| format!("encoding the metadata of {}", volume.source.path.display()))?;
     if let Some(expected) = loaded.model.config["n_metadata"].as_i64() {
         ensure!(
@@ -1533,29 +1435,42 @@ mod tests {
     }
 
     #[test]
-    fn metadata_is_one_hot_encoded_per_field() {
-        let encoder = MetadataEncoder::from_section(&json!({"fields": [
-            {"key": "Manufacturer", "categories": ["GE", "Siemens", "Philips"]},
-            {"key": "FlipAngle", "bins": [45.0, 90.0]},
-        ]}))
-        .unwrap();
-        assert_eq!(encoder.len(), 6);
-        let metadata: BTreeMap<String, Value> = [
+    fn metadata_is_encoded_with_the_training_encoder_and_overrides_win() {
+        // Fitted on FA 80 / 100 (mean 90, population std 10), TR 1 / 3 (mean 2, std 1), TE 0.01 / 0.03
+        // (mean 0.02, std 0.01), Siemens (code 0) and GE (code 2): vectors [fa, tr, te, siemens, ge].
+        let mri = |fa: f64, tr: f64, te: f64, manufacturer: &str| MriParams {
+            flip_angle: fa,
+            repetition_time: tr,
+            echo_time: te,
+            manufacturer: manufacturer.into(),
+        };
+        let encoder =
+            FilmEncoder::fit(&[mri(80.0, 1.0, 0.01, "GE"), mri(100.0, 3.0, 0.03, "Siemens")])
+                .unwrap();
+        let sidecar: BTreeMap<String, Value> = [
+            ("FlipAngle".to_owned(), json!(120)),
+            ("RepetitionTime".to_owned(), json!(2.5)),
+            ("EchoTime".to_owned(), json!([0.01, 0.03])),
             ("Manufacturer".to_owned(), json!("Siemens")),
-            ("FlipAngle".to_owned(), json!(60)),
         ]
         .into();
-        // Siemens is category 1; 60 lies in [45, 90), bin 1 of 3.
-        assert_eq!(
-            encoder.encode(&metadata).unwrap(),
-            vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        // (120 - 90) / 10 = 3, (2.5 - 2) / 1 = 0.5, multi-echo mean 0.02 -> 0, Siemens -> [1, 0].
+        let encoded = encode_metadata(&encoder, &sidecar, &BTreeMap::new()).unwrap();
+        assert!(close(&encoded, &[3.0, 0.5, 0.0, 1.0, 0.0]), "{encoded:?}");
+        // --metadata FlipAngle=70 Manufacturer=GE over the sidecar: (70 - 90) / 10 = -2, GE -> [0, 1].
+        let overrides = parse_metadata(&["FlipAngle=70".into(), "Manufacturer=GE".into()]).unwrap();
+        let encoded = encode_metadata(&encoder, &sidecar, &overrides).unwrap();
+        assert!(close(&encoded, &[-2.0, 0.5, 0.0, 0.0, 1.0]), "{encoded:?}");
+        let mut lacking = sidecar.clone();
+        lacking.remove("EchoTime");
+        let error = encode_metadata(&encoder, &lacking, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("has no EchoTime") && error.contains("--metadata"),
+            "{error}"
         );
-        let mut unknown = metadata.clone();
-        unknown.insert("Manufacturer".into(), json!("Toshiba"));
-        let error = encoder.encode(&unknown).unwrap_err().to_string();
-        assert!(error.contains("Toshiba"), "{error}");
-        let error = encoder.encode(&BTreeMap::new()).unwrap_err().to_string();
-        assert!(error.contains("`Manufacturer` is missing"), "{error}");
         assert_eq!(
             parse_metadata(&["FlipAngle=30".into(), "Manufacturer=GE".into()]).unwrap()
                 ["FlipAngle"],

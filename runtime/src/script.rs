@@ -273,6 +273,7 @@ const TRAIN_OPTIONS: &[&str] = &[
     "multichannel",
     "contrasts",
     "soft_gt",
+    "metadata",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -354,7 +355,19 @@ fn prepare_training(
         })? as usize,
         None => crate::loader::LoaderOptions::default().num_workers,
     };
-    let config = TrainConfig {
+    let metadata = match options.get("metadata") {
+        None => None,
+        Some(value) => match text(value).as_deref() {
+            Some("mri_params") => Some("mri_params"),
+            _ => {
+                return Err(script_error(anyhow!(
+                    "{function}: `metadata` must be \"mri_params\" (FiLM on FlipAngle, RepetitionTime, \
+                     EchoTime and Manufacturer), got {value}"
+                )))
+            }
+        },
+    };
+    let mut config = TrainConfig {
         epochs: option(&options, "epochs", 10, integer)?.max(1) as usize,
         batch_size: option(&options, "batch_size", 16, integer)?.max(1) as usize,
         seed: option(&options, "seed", 0, integer)? as u64,
@@ -387,6 +400,7 @@ fn prepare_training(
             })? as usize,
             None => crate::loader::LoaderOptions::new(num_workers).prefetch,
         },
+        metadata_encoder: None,
     };
     // The object-detection cascade trains on crops around the detected structure (see cascade.rs).
     let (train_set, valid_set, detection_stage) = match options.get("object_detection") {
@@ -418,7 +432,12 @@ fn prepare_training(
     }
     let sampling = crate::data::SamplingOptions::from_json(&Value::Object(sampling_json))
         .map_err(|e| script_error(e.context(function.to_owned())))?;
-    let train_slices: crate::train::TrainData<'static> = match options.get("cache") {
+    // Training slices in memory, or lazily from a volume cache under a byte budget.
+    enum TrainSlices {
+        Memory(SliceSet),
+        Cached(Arc<crate::cache::CachedSlices>),
+    }
+    let mut train_slices = match options.get("cache") {
         Some(value) => {
             if sampling != crate::data::SamplingOptions::default() {
                 return Err(script_error(anyhow!(
@@ -434,9 +453,9 @@ fn prepare_training(
                 &cache,
             )
             .map_err(script_error)?;
-            crate::train::TrainData::Cached(Arc::new(set))
+            TrainSlices::Cached(Arc::new(set))
         }
-        None => Rc::new(
+        None => TrainSlices::Memory(
             SliceSet::build_sampled(
                 Phase::Training,
                 &train_set.entries,
@@ -445,10 +464,9 @@ fn prepare_training(
                 &sampling,
             )
             .map_err(script_error)?,
-        )
-        .into(),
+        ),
     };
-    let valid_slices = SliceSet::build_sampled(
+    let mut valid_slices = SliceSet::build_sampled(
         Phase::Validation,
         &valid_set.entries,
         &pipeline,
@@ -456,6 +474,31 @@ fn prepare_training(
         &sampling,
     )
     .map_err(script_error)?;
+    if metadata.is_some() {
+        // ivadomed's FiLM input: fitted on the training set only, then applied to both sets.
+        let mut film = || -> anyhow::Result<Value> {
+            use crate::channels::{check_film_model, mri_params_of_entries, FilmEncoder};
+            let train_params = mri_params_of_entries(&train_set.entries)?;
+            let encoder = FilmEncoder::fit(&train_params)?;
+            check_film_model(&model.0.architecture, &model.0.config, &encoder)?;
+            let valid_params = mri_params_of_entries(&valid_set.entries)?;
+            let encode = |params: &[crate::channels::MriParams]| -> Vec<Vec<f32>> {
+                params.iter().map(|p| encoder.encode(p)).collect()
+            };
+            let TrainSlices::Memory(train_memory) = &mut train_slices else {
+                anyhow::bail!("`cache` does not carry FiLM metadata; train in memory (no `cache`)");
+            };
+            train_memory.set_metadata(&encode(&train_params))?;
+            valid_slices.set_metadata(&encode(&valid_params))?;
+            Ok(encoder.to_json())
+        };
+        config.metadata_encoder =
+            Some(film().map_err(|e| script_error(e.context(format!("{function}: metadata"))))?);
+    }
+    let train_slices: crate::train::TrainData<'static> = match train_slices {
+        TrainSlices::Memory(set) => Rc::new(set).into(),
+        TrainSlices::Cached(set) => crate::train::TrainData::Cached(set),
+    };
     println!(
         "training {} on {} ({} parameters): {} train samples, {} validation samples from {} volumes",
         model.0.architecture,
@@ -494,6 +537,9 @@ fn prepare_training(
     }
     if let Some(stage) = detection_stage {
         data["object_detection"] = stage;
+    }
+    if let Some(kind) = metadata {
+        data["metadata"] = json!(kind);
     }
     Trainer::new(
         Rc::clone(&model.0),

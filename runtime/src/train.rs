@@ -74,6 +74,9 @@ pub struct TrainConfig {
     pub num_workers: usize,
     /// Most training batches built ahead of the step, over all workers.
     pub prefetch: usize,
+    /// The fitted FiLM metadata encoder (`FilmEncoder::to_json`), written to every saved model folder's
+    /// `metadata_encoder` section so that inference encodes images as training did.
+    pub metadata_encoder: Option<Value>,
 }
 
 impl TrainConfig {
@@ -102,6 +105,7 @@ impl TrainConfig {
             channels_last: false,
             num_workers: LoaderOptions::default().num_workers,
             prefetch: LoaderOptions::default().prefetch,
+            metadata_encoder: None,
         }
     }
 }
@@ -158,9 +162,11 @@ pub fn evaluate(
     tch::no_grad(|| -> Result<()> {
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = set.batch(chunk, device);
-            let predictions =
-                autocast(precision, device, || model.forward(&[&images], Mode::Eval))?
-                    .to_kind(Kind::Float);
+            let metadata = set.metadata_batch(chunk, device);
+            let predictions = autocast(precision, device, || {
+                model.forward(&model_inputs(&images, &metadata), Mode::Eval)
+            })?
+            .to_kind(Kind::Float);
             loss_sum += loss.compute(&predictions, &labels)?.double_value(&[]);
             batches += 1;
             for (&index, overlap) in
@@ -175,6 +181,11 @@ pub fn evaluate(
     })?;
     let mean_dice = overlaps.iter().map(Overlap::dice).sum::<f64>() / overlaps.len().max(1) as f64;
     Ok((loss_sum / batches.max(1) as f64, mean_dice))
+}
+
+/// The model's inputs: the images, then the FiLM metadata when the set has it.
+fn model_inputs<'t>(images: &'t Tensor, metadata: &'t Option<Tensor>) -> Vec<&'t Tensor> {
+    std::iter::once(images).chain(metadata.as_ref()).collect()
 }
 
 fn write_metrics(path: &Path, history: &[EpochRecord]) -> Result<()> {
@@ -649,7 +660,7 @@ impl<'a> Trainer<'a> {
             TrainData::Memory(set) => slice_batches(
                 set,
                 self.augment.as_deref(),
-                batch_indices,
+                batch_indices.clone(),
                 config.seed,
                 epoch as u64,
                 config.device,
@@ -658,19 +669,25 @@ impl<'a> Trainer<'a> {
             TrainData::Cached(set) => cached_batches(
                 Arc::clone(set),
                 self.augment.as_deref().cloned(),
-                batch_indices,
+                batch_indices.clone(),
                 config.seed,
                 epoch as u64,
                 config.device,
                 loader_options,
             ),
         };
-        for batch_index in 0..batches {
+        for (batch_index, indices) in batch_indices.iter().enumerate() {
             let waited = Instant::now();
             let (mut images, mut labels) = batches_of_epoch
                 .next()
                 .context("the loader ended before the epoch's last batch")??;
             wait_seconds += waited.elapsed().as_secs_f64();
+            // Metadata is per volume, so augmentation leaves it as it is (mixup too, as in ivadomed).
+            let metadata = match &self.train_set {
+                TrainData::Memory(set) => set.metadata_batch(indices, config.device),
+                // The lazy path carries no FiLM metadata (refused when the cache is asked for with it).
+                TrainData::Cached(_) => None,
+            };
             if let Some(alpha) = config.mixup_alpha {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
                 (images, labels) = mixup(&images, &labels, alpha, seed)?;
@@ -681,7 +698,8 @@ impl<'a> Trainer<'a> {
             // Autocast covers the forward pass only; the loss and backward run in fp32, as torch.autocast
             // recommends.
             let predictions = autocast(config.precision, config.device, || {
-                self.model.forward(&[&images], Mode::Train)
+                self.model
+                    .forward(&model_inputs(&images, &metadata), Mode::Train)
             })?
             .to_kind(Kind::Float);
             let loss = self.loss.compute(&predictions, &labels)?;
@@ -754,13 +772,15 @@ impl<'a> Trainer<'a> {
         self.write_outputs(&record)?;
         if improved {
             self.best = Some((epoch, valid_dice));
+            let dir = config.out_dir.join("model");
             model_folder::save(
-                &config.out_dir.join("model"),
+                &dir,
                 &self.model,
                 &self.pipeline,
                 &self.data,
                 &self.training_metadata("best", epoch),
             )?;
+            self.write_sections(&dir)?;
         }
         self.checkpoint(epoch)?;
         if self.stopped_early {
@@ -787,9 +807,13 @@ impl<'a> Trainer<'a> {
             None
         } else {
             let (images, labels) = self.valid_set.batch(&self.qc_slices, self.config.device);
+            let metadata = self
+                .valid_set
+                .metadata_batch(&self.qc_slices, self.config.device);
             let predictions = tch::no_grad(|| {
                 autocast(self.config.precision, self.config.device, || {
-                    self.model.forward(&[&images], Mode::Eval)
+                    self.model
+                        .forward(&model_inputs(&images, &metadata), Mode::Eval)
                 })
             })?
             .to_kind(Kind::Float)
@@ -829,6 +853,14 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Adds the optional model folder sections this run has (the FiLM metadata encoder) to a saved folder.
+    fn write_sections(&self, dir: &Path) -> Result<()> {
+        if let Some(encoder) = &self.config.metadata_encoder {
+            model_folder::set_section(dir, crate::channels::METADATA_ENCODER_SECTION, encoder)?;
+        }
+        Ok(())
+    }
+
     /// Writes `checkpoints/epoch-NNNN` as a whole: every file goes into a `.partial` folder that is renamed
     /// into place once complete, so a crash leaves either the old set of checkpoints or the new one.
     fn checkpoint(&mut self, epoch: usize) -> Result<()> {
@@ -846,6 +878,7 @@ impl<'a> Trainer<'a> {
             &self.data,
             &self.training_metadata("last", epoch),
         )?;
+        self.write_sections(&partial)?;
         model_folder::write_safetensors_atomic(
             &partial.join(OPTIMIZER_FILE),
             &self.optimizer.state(),
