@@ -5,10 +5,12 @@
 //! as a no-op (a prediction carries no intensity change to revert). ivadomed runs them on each contrast (channel)
 //! separately, drawing the random parameters anew for each; so do these: channel c of `image` `[C, ...]` gets its
 //! own draws, in channel order from the one seeded stream. Integer images come out as float32.
+use crate::cpu::{f32_data, new_f32};
 use crate::filters::{gaussian_filter_rows, Border};
 use crate::geometry::is_float;
 use crate::random::{
-    chance, non_negative_key, normal_values, probability_key, range_key, seeded, uniform,
+    chance, for_each_normal, non_negative_key, normal, normal_values, probability_key, range_key,
+    seeded, uniform,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
@@ -187,6 +189,26 @@ impl Transform for AdditiveGaussianNoise {
             return Ok(records);
         };
         let per_sample = image.numel() as i64 / seeds.len() as i64;
+        if let Some(pixels) = f32_data(image) {
+            // Fused on the CPU: each value is x + (mean + std z), as the libtorch path below adds float32 noise.
+            let normal = normal(self.mean, self.std)?;
+            let noisy = new_f32(&image.size(), |out| {
+                for ((target, source), &seed) in out
+                    .chunks_exact_mut(per_sample as usize)
+                    .zip(pixels.chunks_exact(per_sample as usize))
+                    .zip(seeds)
+                {
+                    let mut index = 0;
+                    for_each_normal(&mut seeded(seed), &normal, target.len(), |z| {
+                        target[index] = source[index] + z;
+                        index += 1;
+                    });
+                }
+                Ok(())
+            })?;
+            batch.insert("image", noisy);
+            return Ok(records);
+        }
         let mut values = Vec::with_capacity(image.numel());
         for &seed in seeds {
             // ivadomed draws the noise as float32 too.

@@ -22,6 +22,7 @@ mod affine;
 #[cfg(test)]
 mod batch_tests;
 mod clahe;
+mod cpu;
 mod crop;
 mod dilate;
 mod elastic;
@@ -29,6 +30,8 @@ mod filters;
 mod geometry;
 mod intensity;
 mod normalize;
+#[cfg(test)]
+mod profile_tests;
 mod random;
 #[cfg(test)]
 mod reference_data;
