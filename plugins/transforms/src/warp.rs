@@ -1,5 +1,6 @@
 //! Resampling every tensor of a sample through a coordinate map with libtorch's `grid_sample`, for the random
 //! spatial transforms (affine, elastic). Runs wherever the tensors live (CPU or GPU).
+use crate::cpu::{all_binary, f32_data, new_f32};
 use crate::geometry::{batch_spatial_shape, is_float};
 use ivado_sdk::tch::{Device, Kind, Tensor};
 use ivado_sdk::{Batch, PluginError, Result, Sample};
@@ -201,6 +202,12 @@ pub fn warp_sample(sample: &mut Sample, grid: &Tensor, outside: Outside) -> Resu
 /// Per sample of a batch, whether every value of `tensor` (`[B, ...]`) is 0 or 1.
 fn binary_rows(tensor: &Tensor) -> Result<Vec<bool>> {
     let rows = tensor.size()[0];
+    if let Some(values) = f32_data(tensor) {
+        return Ok(values
+            .chunks_exact(values.len() / rows as usize)
+            .map(all_binary)
+            .collect());
+    }
     let ok = tensor
         .f_eq(0.0)?
         .f_logical_or(&tensor.f_eq(1.0)?)?
@@ -277,6 +284,10 @@ pub fn warp_batch(
             output = output.f_mul(mask)?;
         }
         let out_spatial = output.size()[2..].to_vec();
+        if let Some(values) = f32_data(&output) {
+            split_thresholded_f32(tensors, &names, &channels, values, rows, &out_spatial)?;
+            continue;
+        }
         let mut start = 0;
         for (name, count) in names.iter().zip(channels) {
             let tensor = &tensors[name];
@@ -305,6 +316,55 @@ pub fn warp_batch(
             let warped = warped.f_reshape(out_shape.as_slice())?.f_to_kind(kind)?;
             tensors.insert(name.clone(), warped);
         }
+    }
+    Ok(())
+}
+
+/// The float32 CPU end of [`warp_batch`]: cuts the warped channels `values` (`[rows, sum(channels), *spatial]`)
+/// back into the tensors `names` (each `channels[i]` channels), each a new contiguous tensor, thresholding at 0.5 the
+/// rows of float `label*`/`roi*` tensors that were binary (the same as the libtorch path's `ge` and `where`).
+fn split_thresholded_f32(
+    tensors: &mut BTreeMap<String, Tensor>,
+    names: &[String],
+    channels: &[i64],
+    values: &[f32],
+    rows: i64,
+    spatial: &[i64],
+) -> Result<()> {
+    let voxels: i64 = spatial.iter().product();
+    let row_length = values.len() / rows as usize;
+    let mut start = 0usize;
+    for (name, &count) in names.iter().zip(channels) {
+        let tensor = &tensors[name];
+        let kind = tensor.f_kind()?;
+        let binary = if is_float(kind) && (name.starts_with("label") || name.starts_with("roi")) {
+            binary_rows(tensor)?
+        } else {
+            vec![false; rows as usize]
+        };
+        let length = (count * voxels) as usize;
+        let shape = tensor.size();
+        let mut out_shape = shape[..shape.len() - spatial.len()].to_vec();
+        out_shape.extend_from_slice(spatial);
+        let warped = new_f32(&out_shape, |out| {
+            for ((target, source), &threshold) in out
+                .chunks_exact_mut(length)
+                .zip(values.chunks_exact(row_length))
+                .zip(&binary)
+            {
+                let source = &source[start..start + length];
+                if threshold {
+                    for (t, &v) in target.iter_mut().zip(source) {
+                        *t = if v >= 0.5 { 1.0 } else { 0.0 };
+                    }
+                } else {
+                    target.copy_from_slice(source);
+                }
+            }
+            Ok(())
+        })?;
+        start += length;
+        tensors.insert(name.clone(), warped.f_to_kind(kind)?);
     }
     Ok(())
 }
@@ -350,28 +410,58 @@ pub fn host_affine_grids(
     grid_shape.extend_from_slice(shape);
     grid_shape.push(shape.len() as i64);
     let tensor = if work == Kind::Double {
-        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v))?
+        let voxels: usize = shape.iter().map(|&n| n as usize).product();
+        let mut grid = vec![0.0; matrices.len() * voxels * shape.len()];
+        fill_affine_grids(matrices, shape, &mut grid, |v| v);
+        Tensor::f_from_slice(&grid)?.f_reshape(grid_shape.as_slice())?
     } else {
-        Tensor::f_from_slice(&fill_affine_grids(matrices, shape, |v| v as f32))?.f_to_kind(work)?
+        // Written in place: the grid is as large as the image and its copy would cost as much as filling it.
+        new_f32(&grid_shape, |grid| {
+            fill_affine_grids(matrices, shape, grid, |v| v as f32);
+            Ok(())
+        })?
+        .f_to_kind(work)?
     };
-    Ok((
-        tensor
-            .f_reshape(grid_shape.as_slice())?
-            .f_to_device(device)?,
-        Some(None),
-    ))
+    Ok((tensor.f_to_device(device)?, Some(None)))
 }
 
-fn fill_affine_grids<T: Copy + Default>(
+/// Writes the grids of [`host_affine_grids`] into `grid` (`matrices.len() * voxels * rank` values), with AVX2
+/// where the CPU has it (the same arithmetic, in wider vectors: no fused multiply-adds, so the same values).
+fn fill_affine_grids<T: Copy>(
     matrices: &[Vec<Vec<f64>>],
     shape: &[i64],
+    grid: &mut [T],
     store: impl Fn(f64) -> T,
-) -> Vec<T> {
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide<T: Copy>(
+            matrices: &[Vec<Vec<f64>>],
+            shape: &[i64],
+            grid: &mut [T],
+            store: impl Fn(f64) -> T,
+        ) {
+            fill_affine_grids_with(matrices, shape, grid, store)
+        }
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { wide(matrices, shape, grid, store) };
+        return;
+    }
+    fill_affine_grids_with(matrices, shape, grid, store)
+}
+
+#[inline(always)]
+fn fill_affine_grids_with<T: Copy>(
+    matrices: &[Vec<Vec<f64>>],
+    shape: &[i64],
+    grid: &mut [T],
+    store: impl Fn(f64) -> T,
+) {
     const TOLERANCE: f64 = 1e-3;
     let rank = shape.len();
     let voxels: usize = shape.iter().map(|&n| n as usize).product();
     let last = shape[rank - 1] as usize;
-    let mut grid = vec![T::default(); matrices.len() * voxels * rank];
     let limits: Vec<f64> = shape.iter().map(|&n| n as f64 - 1.0 + TOLERANCE).collect();
     let scales: Vec<f64> = shape.iter().map(|&n| 2.0 / n as f64).collect();
     let offsets: Vec<f64> = shape.iter().map(|&n| 1.0 / n as f64 - 1.0).collect();
@@ -398,21 +488,56 @@ fn fill_affine_grids<T: Copy + Default>(
                         .sum::<f64>();
             }
             let Some(points) = lines.next() else { break };
-            for (step, point) in points.chunks_exact_mut(rank).enumerate() {
-                let mut within = true;
-                // The grid lists coordinates in reversed axis order.
-                for k in 0..rank {
-                    let position = start[k] + along[k] * step as f64;
-                    within &= position >= -TOLERANCE && position <= limits[k];
-                    point[rank - 1 - k] = store(position * scales[k] + offsets[k]);
-                }
-                if !within {
-                    point.fill(far);
-                }
+            let line = Line {
+                start: &start,
+                along: &along,
+                limits: &limits,
+                scales: &scales,
+                offsets: &offsets,
+            };
+            match rank {
+                2 => fill_line::<T, 2>(points, &line, far, &store),
+                _ => fill_line::<T, 3>(points, &line, far, &store),
             }
         }
     }
-    grid
+}
+
+/// One line of output voxels along the last axis: positions `start + along * step` (voxel indices per axis), the
+/// largest position inside, and the normalisation `position * scale + offset` per axis.
+struct Line<'a> {
+    start: &'a [f64],
+    along: &'a [f64],
+    limits: &'a [f64],
+    scales: &'a [f64],
+    offsets: &'a [f64],
+}
+
+/// The grid points of one [`Line`] (rank `R` known at compile time, no branches, so the loop vectorises).
+#[inline(always)]
+fn fill_line<T: Copy, const R: usize>(
+    points: &mut [T],
+    line: &Line,
+    far: T,
+    store: &impl Fn(f64) -> T,
+) {
+    const TOLERANCE: f64 = 1e-3;
+    let take = |values: &[f64]| -> [f64; R] { std::array::from_fn(|k| values[k]) };
+    let (start, along, limits) = (take(line.start), take(line.along), take(line.limits));
+    let (scales, offsets) = (take(line.scales), take(line.offsets));
+    for (step, point) in points.chunks_exact_mut(R).enumerate() {
+        let mut within = true;
+        let mut values = [far; R];
+        for k in 0..R {
+            let position = start[k] + along[k] * step as f64;
+            within &= (position >= -TOLERANCE) & (position <= limits[k]);
+            // The grid lists coordinates in reversed axis order.
+            values[R - 1 - k] = store(position * scales[k] + offsets[k]);
+        }
+        for (target, value) in point.iter_mut().zip(values) {
+            *target = if within { value } else { far };
+        }
+    }
 }
 
 /// The `[rank, rank + 1]` `affine_grid` theta (normalised coordinates, reversed axis order) of an affine map in
