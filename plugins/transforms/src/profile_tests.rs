@@ -15,14 +15,28 @@ fn build<T: Transform>(config: Value) -> T {
     transform
 }
 
+/// `struct timespec` of 64-bit Linux.
+#[repr(C)]
+struct Timespec {
+    seconds: i64,
+    nanoseconds: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock: i32, now: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread (Linux's `CLOCK_THREAD_CPUTIME_ID`, 3), declared here rather than through the
+/// `libc` crate so the plugin keeps its dependencies.
 fn thread_cpu_seconds() -> f64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut now = Timespec {
+        seconds: 0,
+        nanoseconds: 0,
     };
     // SAFETY: `now` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+    unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.seconds as f64 + now.nanoseconds as f64 * 1e-9
 }
 
 /// A phantom-like sample: a noisy disk image in [0, 1000] and its binary label.
