@@ -255,6 +255,11 @@ fn fused_cpu_paths_equal_libtorch_paths() {
         for (name, difference) in fused_against_libtorch(&noise, &shape) {
             assert!(difference < 1e-6, "noise {shape:?} {name}: {difference}");
         }
+        // log gamma in [-3, 3] (ivadomed's documented range): powers from 0.05 to 20.
+        let gamma: RandomGamma = build(json!({"log_gamma_range": [-3, 3], "p": 0.5}));
+        for (name, difference) in fused_against_libtorch(&gamma, &shape) {
+            assert!(difference < 1e-6, "gamma {shape:?} {name}: {difference}");
+        }
         for (name, difference) in fused_against_libtorch(&NormalizeInstance, &shape) {
             assert!(
                 difference < 1e-5,
