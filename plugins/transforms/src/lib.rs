@@ -38,6 +38,7 @@ mod reference_data;
 mod resample;
 mod reverse;
 mod roi_crop;
+mod sampler;
 mod warp;
 
 pub use affine::RandomAffine;

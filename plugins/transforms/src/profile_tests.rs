@@ -170,3 +170,50 @@ fn profile_bench_pipeline_2d() {
 fn profile_bench_pipeline_3d() {
     profile(&[48, 48, 16]);
 }
+
+/// Rust `grid_sample` against libtorch's on a batch of 18 2-channel 3D (48x48x16) and 2D (128x128) inputs with a
+/// slightly rotated grid: thread CPU us per sample.
+#[test]
+#[ignore = "profiling harness, prints timings"]
+fn profile_grid_sample() {
+    use crate::sampler::{grid_sample, Padding};
+    tch::set_num_threads(1);
+    for shape in [vec![48i64, 48, 16], vec![128, 128]] {
+        let rank = shape.len();
+        let mut input_shape = vec![18i64, 2];
+        input_shape.extend_from_slice(&shape);
+        let input = Tensor::rand(input_shape.as_slice(), (Kind::Float, tch::Device::Cpu));
+        let theta: Vec<f32> = if rank == 3 {
+            vec![
+                0.99, -0.05, 0.0, 0.01, 0.05, 0.99, 0.0, -0.02, 0.0, 0.0, 1.0, 0.03,
+            ]
+        } else {
+            vec![0.99, -0.05, 0.01, 0.05, 0.99, -0.02]
+        };
+        let theta = Tensor::from_slice(&theta)
+            .reshape([1, rank as i64, rank as i64 + 1])
+            .repeat([18, 1, 1]);
+        let grid =
+            Tensor::affine_grid_generator(&theta, input_shape.as_slice(), false).contiguous();
+        let rounds = 20;
+        let start = thread_cpu_seconds();
+        for _ in 0..rounds {
+            let _ = input.grid_sampler(&grid, 0, 0, false);
+        }
+        let torch = (thread_cpu_seconds() - start) / (rounds * 18) as f64 * 1e6;
+        let (values, points) = (
+            crate::cpu::f32_data(&input).unwrap(),
+            crate::cpu::f32_data(&grid).unwrap(),
+        );
+        let start = thread_cpu_seconds();
+        for _ in 0..rounds {
+            let _ = match rank {
+                2 => grid_sample::<2>(values, &input.size(), points, &grid.size(), Padding::Zeros),
+                _ => grid_sample::<3>(values, &input.size(), points, &grid.size(), Padding::Zeros),
+            }
+            .unwrap();
+        }
+        let rust = (thread_cpu_seconds() - start) / (rounds * 18) as f64 * 1e6;
+        println!("{shape:?}: libtorch {torch:.1} us/sample, Rust {rust:.1} us/sample");
+    }
+}

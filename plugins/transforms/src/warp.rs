@@ -2,6 +2,7 @@
 //! spatial transforms (affine, elastic). Runs wherever the tensors live (CPU or GPU).
 use crate::cpu::{all_binary, f32_data, new_f32};
 use crate::geometry::{batch_spatial_shape, is_float};
+use crate::sampler::{grid_sample, Padding};
 use ivado_sdk::tch::{Device, Kind, Tensor};
 use ivado_sdk::{Batch, PluginError, Result, Sample};
 use std::collections::BTreeMap;
@@ -279,7 +280,18 @@ pub fn warp_batch(
         } else {
             Tensor::f_cat(&inputs, 1)?
         };
-        let mut output = input.f_grid_sampler(&grid, interpolation, padding, false)?;
+        let mut output = match (interpolation, f32_data(&input), f32_data(&grid)) {
+            // libtorch's 3D CPU kernel is scalar and slow; its 2D one is vectorised and stays.
+            (0, Some(values), Some(points)) if rank == 3 && sampler_3d_in_rust() => {
+                let padding = if padding == 0 {
+                    Padding::Zeros
+                } else {
+                    Padding::Reflection
+                };
+                grid_sample::<3>(values, &input.size(), points, &grid.size(), padding)?
+            }
+            _ => input.f_grid_sampler(&grid, interpolation, padding, false)?,
+        };
         if let Some(mask) = &mask {
             output = output.f_mul(mask)?;
         }
@@ -318,6 +330,11 @@ pub fn warp_batch(
         }
     }
     Ok(())
+}
+
+/// Whether 3D float32 CPU warps use [`grid_sample`] (unless `IVADO_TORCH_GRID_SAMPLE_3D` is set, for comparing).
+fn sampler_3d_in_rust() -> bool {
+    std::env::var_os("IVADO_TORCH_GRID_SAMPLE_3D").is_none()
 }
 
 /// The float32 CPU end of [`warp_batch`]: cuts the warped channels `values` (`[rows, sum(channels), *spatial]`)
