@@ -390,26 +390,26 @@ pub fn profile_steps(
         "bench: {} has no samples",
         case.name
     );
-    let batch_of = |first: usize| -> Result<(Vec<u64>, Batch)> {
-        let (seeds, samples): (Vec<u64>, Vec<Sample>) = (first..first + BENCH_BATCH)
-            .map(|i| {
-                (
-                    derive_seed(BENCH_SEED, i as u64),
-                    shallow_copy(&case.samples[i % case.samples.len()]),
-                )
-            })
-            .unzip();
-        Ok((seeds, Batch::stack(samples)?))
-    };
-    let work: Vec<(Vec<u64>, Batch)> = (0..=batches.max(1))
-        .map(|b| batch_of(b * BENCH_BATCH))
-        .collect::<Result<_>>()?;
+    // Tensors are `Send` but not `Sync`: the worker gets its own handles, and stacks its batches itself.
+    let sources: Vec<Sample> = case.samples.iter().map(shallow_copy).collect();
     std::thread::scope(|scope| {
         scope
             .spawn(move || -> Result<Vec<f64>> {
                 tch::set_num_threads(1);
+                let batch_of = |first: usize| -> Result<(Vec<u64>, Batch)> {
+                    let (seeds, samples): (Vec<u64>, Vec<Sample>) = (first..first + BENCH_BATCH)
+                        .map(|i| {
+                            (
+                                derive_seed(BENCH_SEED, i as u64),
+                                shallow_copy(&sources[i % sources.len()]),
+                            )
+                        })
+                        .unzip();
+                    Ok((seeds, Batch::stack(samples)?))
+                };
                 let mut totals = vec![0.0; pipeline.steps.len()];
-                for (index, (seeds, batch)) in work.into_iter().enumerate() {
+                for index in 0..=batches.max(1) {
+                    let (seeds, batch) = batch_of(index * BENCH_BATCH)?;
                     let mut last = thread_cpu_seconds();
                     let mut spent = vec![0.0; totals.len()];
                     let (augmented, _) = pipeline.apply_batch_observed(

@@ -115,15 +115,21 @@ fn profile(shape: &[i64]) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(40);
     let only = std::env::var("IVADO_PROFILE_ONLY").ok();
+    let size: usize = std::env::var("IVADO_PROFILE_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(18);
     let samples: Vec<Sample> = (0..16).map(|i| sample(i, shape)).collect();
     let steps = steps();
     let mut totals = vec![0.0; steps.len()];
     for round in 0..=rounds {
-        let seeds: Vec<u64> = (0..18).map(|i| (round * 18 + i) as u64 * 7919).collect();
+        let seeds: Vec<u64> = (0..size)
+            .map(|i| (round * size + i) as u64 * 7919)
+            .collect();
         let mut batch = Batch::stack(
-            (0..18)
+            (0..size)
                 .map(|i| {
-                    let s = &samples[(round * 18 + i) % samples.len()];
+                    let s = &samples[(round * size + i) % samples.len()];
                     Sample {
                         tensors: s
                             .tensors
@@ -150,12 +156,12 @@ fn profile(shape: &[i64]) {
     let per_sample: Vec<String> = steps
         .iter()
         .zip(&totals)
-        .map(|((name, _), t)| format!("{name} {:.1}", t / (rounds * 18) as f64 * 1e6))
+        .map(|((name, _), t)| format!("{name} {:.1}", t / (rounds * size) as f64 * 1e6))
         .collect();
     println!(
-        "{shape:?}: us/sample {} = {:.1}",
+        "{shape:?} batches of {size}: us/sample {} = {:.1}",
         per_sample.join(", "),
-        totals.iter().sum::<f64>() / (rounds * 18) as f64 * 1e6
+        totals.iter().sum::<f64>() / (rounds * size) as f64 * 1e6
     );
 }
 
