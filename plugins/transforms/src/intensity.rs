@@ -9,7 +9,7 @@ use crate::cpu::{f32_data, new_f32};
 use crate::filters::{gaussian_filter_rows, Border};
 use crate::geometry::is_float;
 use crate::random::{
-    chance, for_each_normal, non_negative_key, normal, normal_values, probability_key, range_key,
+    chance, fill_normal, non_negative_key, normal, normal_values, probability_key, range_key,
     seeded, uniform,
 };
 use ivado_sdk::serde_json::{json, Value};
@@ -198,11 +198,10 @@ impl Transform for AdditiveGaussianNoise {
                     .zip(pixels.chunks_exact(per_sample as usize))
                     .zip(seeds)
                 {
-                    let mut index = 0;
-                    for_each_normal(&mut seeded(seed), &normal, target.len(), |z| {
-                        target[index] = source[index] + z;
-                        index += 1;
-                    });
+                    fill_normal(&mut seeded(seed), &normal, target);
+                    for (t, &x) in target.iter_mut().zip(source) {
+                        *t += x;
+                    }
                 }
                 Ok(())
             })?;

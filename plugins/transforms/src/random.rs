@@ -7,7 +7,7 @@
 use ivado_sdk::{Config, PluginError, Result};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal};
+use rand_distr::Normal;
 
 pub type SeededRng = ChaCha8Rng;
 
@@ -88,7 +88,7 @@ pub fn uniform_values(rng: &mut SeededRng, count: i64) -> Vec<f32> {
     values
 }
 
-/// N(`mean`, `std`²) in float32, checked.
+/// N(`mean`, `std`²) in float32, checked (finite, `std >= 0`).
 pub fn normal(mean: f64, std: f64) -> Result<Normal<f32>> {
     Normal::new(mean as f32, std as f32).map_err(|e| {
         PluginError(format!(
@@ -97,26 +97,113 @@ pub fn normal(mean: f64, std: f64) -> Result<Normal<f32>> {
     })
 }
 
-/// Calls `take` with float32 draws from `normal`, one per value wanted, from a [`FieldRng`] seeded by `rng`
-/// (ziggurat sampling, host-side).
-pub fn for_each_normal(
-    rng: &mut SeededRng,
-    normal: &Normal<f32>,
-    count: usize,
-    mut take: impl FnMut(f32),
-) {
+/// Fills `out` with float32 draws of `normal` (`mean + std z`, as `rand_distr` computes them), from a [`FieldRng`]
+/// seeded by `rng`: standard normals `z` by the Box-Muller transform, two per 64-bit draw, in blocks the CPU
+/// computes in vector registers.
+pub fn fill_normal(rng: &mut SeededRng, normal: &Normal<f32>, out: &mut [f32]) {
+    let (mean, std) = (normal.mean(), normal.std_dev());
     let mut field = FieldRng::from_stream(rng);
-    for _ in 0..count {
-        take(normal.sample(&mut field));
+    let mut words = [0u64; BOX_MULLER_BLOCK];
+    let mut block = [0f32; 2 * BOX_MULLER_BLOCK];
+    for chunk in out.chunks_mut(2 * BOX_MULLER_BLOCK) {
+        for word in &mut words[..chunk.len().div_ceil(2)] {
+            *word = field.next_u64();
+        }
+        box_muller(&words, &mut block);
+        for (target, &z) in chunk.iter_mut().zip(&block) {
+            *target = mean + std * z;
+        }
     }
 }
 
-/// `count` float32 values drawn from N(`mean`, `std`²) host-side ([`for_each_normal`]).
+/// `count` float32 values drawn from N(`mean`, `std`²) host-side ([`fill_normal`]).
 pub fn normal_values(rng: &mut SeededRng, mean: f64, std: f64, count: i64) -> Result<Vec<f32>> {
     let normal = normal(mean, std)?;
-    let mut values = Vec::with_capacity(count.max(0) as usize);
-    for_each_normal(rng, &normal, count.max(0) as usize, |v| values.push(v));
+    let mut values = vec![0.0; count.max(0) as usize];
+    fill_normal(rng, &normal, &mut values);
     Ok(values)
+}
+
+/// 64-bit draws per Box-Muller block.
+const BOX_MULLER_BLOCK: usize = 64;
+
+/// Two standard normals per 64-bit word: with u1 in (0, 1) from its high bits and u2 in [0, 1) from its low bits,
+/// `sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)`. With AVX2 where the CPU has it; the same float32 operations
+/// either way (no fused multiply-adds), so the same values on every x86-64 CPU.
+fn box_muller(words: &[u64; BOX_MULLER_BLOCK], out: &mut [f32; 2 * BOX_MULLER_BLOCK]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(words: &[u64; BOX_MULLER_BLOCK], out: &mut [f32; 2 * BOX_MULLER_BLOCK]) {
+            box_muller_with(words, out)
+        }
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { wide(words, out) };
+        return;
+    }
+    box_muller_with(words, out)
+}
+
+#[inline(always)]
+fn box_muller_with(words: &[u64; BOX_MULLER_BLOCK], out: &mut [f32; 2 * BOX_MULLER_BLOCK]) {
+    const TWO_TO_MINUS_31: f32 = 1.0 / 2_147_483_648.0;
+    const TWO_TO_MINUS_24: f32 = 1.0 / 16_777_216.0;
+    for (&word, pair) in words.iter().zip(out.chunks_exact_mut(2)) {
+        // Signed 32-bit integers convert to float in vector registers. u1 = (k + 1/2) 2^-31 with k the top 31
+        // bits: never 0, so the radius stays finite (at most 6.6); u2 from the low 24 bits.
+        let u1 = (((word >> 33) as i32) as f32 + 0.5) * TWO_TO_MINUS_31;
+        let u2 = ((word as i32 & 0x00ff_ffff) as f32) * TWO_TO_MINUS_24;
+        let radius = (-2.0 * ln_unit(u1)).sqrt();
+        let (sin, cos) = sin_cos_turns(u2);
+        pair[0] = radius * cos;
+        pair[1] = radius * sin;
+    }
+}
+
+/// Natural log of `x` in (0, 1], to about 1e-7: `x = m 2^e` with m in [sqrt(1/2), sqrt(2)), and
+/// `ln m = 2 atanh(t)`, `t = (m - 1) / (m + 1)`, by its series to t^9 (next term below 1e-9 for |t| < 0.172).
+#[inline(always)]
+fn ln_unit(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut exponent = ((bits >> 23) & 0xff) as i32 - 127;
+    let mut mantissa = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    let high = mantissa > std::f32::consts::SQRT_2;
+    mantissa = if high { mantissa * 0.5 } else { mantissa };
+    exponent += i32::from(high);
+    let t = (mantissa - 1.0) / (mantissa + 1.0);
+    let t2 = t * t;
+    let series = 1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0))));
+    exponent as f32 * std::f32::consts::LN_2 + 2.0 * t * series
+}
+
+/// `(sin, cos)` of `2 pi turns` for `turns` in [0, 1), to about 1e-7: the nearest quarter turn k and the rest
+/// `x` in [-pi/4, pi/4], whose sine and cosine come from their Taylor series (to x^9 and x^10; next terms below
+/// 2e-9), rotated by k quarter turns.
+#[inline(always)]
+fn sin_cos_turns(turns: f32) -> (f32, f32) {
+    let quarters = turns * 4.0;
+    // SAFETY (of the conversion): quarters + 0.5 is in [0.5, 4.5), inside the i32 range.
+    let k = unsafe { (quarters + 0.5).to_int_unchecked::<i32>() };
+    let x = (quarters - k as f32) * std::f32::consts::FRAC_PI_2;
+    let x2 = x * x;
+    let sin = x
+        * (1.0
+            + x2 * (-1.0 / 6.0
+                + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362_880.0)))));
+    let cos = 1.0
+        + x2 * (-0.5
+            + x2 * (1.0 / 24.0
+                + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40_320.0 + x2 * (-1.0 / 3_628_800.0)))));
+    // Rotation by k quarter turns without branches (they would be unpredictable): odd k swaps sine and cosine,
+    // k = 2, 3 negate the sine part, k = 1, 2 the cosine part.
+    let swap = k & 1 == 1;
+    let (first, second) = if swap { (cos, sin) } else { (sin, cos) };
+    let sin_sign = ((k & 2) as u32) << 30;
+    let cos_sign = (((k + 1) & 2) as u32) << 30;
+    (
+        f32::from_bits(first.to_bits() ^ sin_sign),
+        f32::from_bits(second.to_bits() ^ cos_sign),
+    )
 }
 
 /// A `[low, high]` range config key (`alpha_range`, `sigma_range`, ...): two finite numbers with `low <= high`.
@@ -178,6 +265,56 @@ mod tests {
             .rotate_left(23)
             .wrapping_add(7);
         assert_eq!(rng.next_u64(), expected);
+    }
+
+    // The vectorisable log and sine/cosine against the standard library's float64 ones, over their whole domains.
+    #[test]
+    fn box_muller_functions_are_accurate() {
+        for k in 0..100_000u32 {
+            let x = ((k as f32 + 0.5) / 100_000.0).powi(3);
+            let want = f64::from(x).ln();
+            let got = f64::from(ln_unit(x));
+            assert!(
+                (got - want).abs() <= 2e-7 * want.abs().max(1.0),
+                "ln {x}: {got} vs {want}"
+            );
+            let turns = k as f32 / 100_000.0;
+            let angle = std::f64::consts::TAU * f64::from(turns);
+            let (sin, cos) = sin_cos_turns(turns);
+            assert!((f64::from(sin) - angle.sin()).abs() < 3e-7, "sin {turns}");
+            assert!((f64::from(cos) - angle.cos()).abs() < 3e-7, "cos {turns}");
+        }
+        assert_eq!(ln_unit(1.0), 0.0);
+    }
+
+    // 200,000 draws of N(0, 1): mean within 4 standard errors (0.009), variance within 0.02 of 1, kurtosis within
+    // 0.06 of 3 (its standard error is sqrt(24 / n) = 0.011), and the fraction beyond 2 sigma within 0.003 of
+    // 0.0455 (standard error 0.0005).
+    #[test]
+    fn normal_draws_have_gaussian_moments() {
+        let values = normal_values(&mut seeded(9), 0.0, 1.0, 200_000).unwrap();
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let moment = |p: i32| {
+            values
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(p))
+                .sum::<f64>()
+                / n
+        };
+        let (variance, fourth) = (moment(2), moment(4));
+        assert!(mean.abs() < 0.009, "mean {mean}");
+        assert!((variance - 1.0).abs() < 0.02, "variance {variance}");
+        assert!((fourth / variance.powi(2) - 3.0).abs() < 0.06, "kurtosis");
+        let beyond = values.iter().filter(|v| v.abs() > 2.0).count() as f64 / n;
+        assert!((beyond - 0.0455).abs() < 0.003, "beyond 2 sigma {beyond}");
+        // Scaled and shifted as N(mean, std²) is; the same seed gives the same draws.
+        let scaled = normal_values(&mut seeded(9), 3.0, 0.5, 200_000).unwrap();
+        assert!((f64::from(scaled[7]) - (3.0 + 0.5 * f64::from(values[7]))).abs() < 1e-6);
+        assert_eq!(
+            values,
+            normal_values(&mut seeded(9), 0.0, 1.0, 200_000).unwrap()
+        );
     }
 
     // Uniform fields lie in [-1, 1) with mean about 0 and variance 1/3; a seed gives the same field every time.
