@@ -510,9 +510,10 @@ pub fn run(
             .zip(&per_step)
             .map(|(name, seconds)| format!("{name} {:.3}", seconds * 1e3))
             .collect();
+        // Indented, so only the timed rows start with the case name.
         writeln!(
             table,
-            "{:<24} {} = {:.3}",
+            "  {}: {} = {:.3}",
             case.name,
             parts.join(", "),
             per_step.iter().sum::<f64>() * 1e3
