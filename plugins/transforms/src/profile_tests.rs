@@ -1,8 +1,8 @@
 //! Per-step cost of the benchmarked augmentation pipeline (`ivado bench augment`), without the plugin boundary:
 //! `cargo test --release -p ivado-plugin-transforms profile_ -- --ignored --nocapture`. Prints thread CPU time
 //! per sample of each step on batches of 18 2D slices (1x128x128 + binary label) and 3D subvolumes
-//! (1x48x48x16 + label). `IVADO_PROFILE_ROUNDS` sets the number of batches, `IVADO_PROFILE_ONLY` a step name to
-//! run alone (for `perf`).
+//! (1x48x48x16 + label). `IVADO_PROFILE_ROUNDS` sets the number of batches, `IVADO_PROFILE_BATCH` their size,
+//! `IVADO_PROFILE_ONLY` a step name to run alone (for `perf`).
 use crate::*;
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{self, Kind, Tensor};
