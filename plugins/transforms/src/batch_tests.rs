@@ -251,6 +251,14 @@ fn fused_against_libtorch<T: Transform>(transform: &T, shape: &[i64]) -> Vec<(St
 #[test]
 fn fused_cpu_paths_equal_libtorch_paths() {
     for shape in shapes() {
+        // Affine: positions straight from the matrix against the float32 grid's normalised coordinates, which
+        // round them to about 1e-5 voxel; image values change by less than 1e-4 (gradients below 0.5 per voxel),
+        // and the thresholded labels (and the soft one of sample 1) agree.
+        let affine: RandomAffine =
+            build(json!({"degrees": 20, "translate": [0.1, 0.1], "scale": [0.2, 0.2]}));
+        for (name, difference) in fused_against_libtorch(&affine, &shape) {
+            assert!(difference < 1e-4, "affine {shape:?} {name}: {difference}");
+        }
         let noise: AdditiveGaussianNoise = build(json!({"mean": 0.1, "std": 0.2}));
         for (name, difference) in fused_against_libtorch(&noise, &shape) {
             assert!(difference < 1e-6, "noise {shape:?} {name}: {difference}");

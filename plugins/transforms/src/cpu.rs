@@ -35,6 +35,24 @@ pub fn new_f32(shape: &[i64], fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Re
     Ok(tensor)
 }
 
+/// The values of a tensor this code just made with [`new_f32`] or `Tensor::empty` (contiguous float32 on the CPU),
+/// to write.
+///
+/// # Safety
+/// No other handle may refer to `tensor`'s storage while the slice lives.
+pub unsafe fn fresh_f32_mut(tensor: &mut Tensor) -> &mut [f32] {
+    assert!(
+        tensor.device() == Device::Cpu && tensor.kind() == Kind::Float && tensor.is_contiguous(),
+        "fresh_f32_mut needs a contiguous float32 CPU tensor"
+    );
+    let count = tensor.numel();
+    if count == 0 {
+        return &mut [];
+    }
+    // SAFETY: contiguous float32 storage of `count` values, which the caller guarantees nothing else refers to.
+    unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, count) }
+}
+
 /// Sum of `values` in float64, with 8 independent partial sums so the loop vectorises.
 pub fn sum_f64(values: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];

@@ -52,6 +52,26 @@ pub fn grid_sample<const R: usize>(
     grid_shape: &[i64],
     padding: Padding,
 ) -> Result<Tensor> {
+    let voxels: usize = input_shape.iter().skip(2).map(|&n| n as usize).product();
+    grid_sample_with::<R>(
+        input,
+        input_shape,
+        grid,
+        grid_shape,
+        padding,
+        has_avx2(voxels),
+    )
+}
+
+/// [`grid_sample`], with or without the AVX2 path.
+fn grid_sample_with<const R: usize>(
+    input: &[f32],
+    input_shape: &[i64],
+    grid: &[f32],
+    grid_shape: &[i64],
+    padding: Padding,
+    avx2: bool,
+) -> Result<Tensor> {
     if input_shape.len() != R + 2 || grid_shape.len() != R + 2 || grid_shape[R + 1] != R as i64 {
         return Err(PluginError(format!(
             "grid_sample: input {input_shape:?} and grid {grid_shape:?} are not {R}D"
@@ -69,41 +89,90 @@ pub fn grid_sample<const R: usize>(
             "grid_sample: input {input_shape:?} and grid {grid_shape:?} do not match their data"
         )));
     }
-    // Strides of the spatial axes, in voxels.
-    let mut strides = [1usize; R];
-    for k in (0..R.saturating_sub(1)).rev() {
-        strides[k] = strides[k + 1] * size[k + 1];
-    }
+    let geometry = Geometry::new(size);
     let mut out_shape = vec![samples as i64, channels as i64];
     out_shape.extend_from_slice(&grid_shape[1..=R]);
-    let frame = Frame {
-        channels,
-        size,
-        strides,
-        voxels,
-        out_voxels,
-        padding,
-    };
     new_f32(&out_shape, |out| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && voxels < i32::MAX as usize {
-            // SAFETY: the CPU supports AVX2 and planes are indexable with i32, checked just above.
-            unsafe { sample_all_avx2(&frame, input, grid, out) };
-            return Ok(());
+        for ((source, target), points) in input
+            .chunks_exact(channels * voxels)
+            .zip(out.chunks_exact_mut(channels * out_voxels))
+            .zip(grid.chunks_exact(out_voxels * R))
+        {
+            let sources: Vec<&[f32]> = source.chunks_exact(voxels).collect();
+            let mut targets: Vec<&mut [f32]> = target.chunks_exact_mut(out_voxels).collect();
+            let mut voxel = 0;
+            if avx2 {
+                while voxel + LANES <= out_voxels {
+                    let mut positions = [[0f32; LANES]; R];
+                    for (lane, point) in points[voxel * R..(voxel + LANES) * R]
+                        .chunks_exact(R)
+                        .enumerate()
+                    {
+                        for (k, lanes) in positions.iter_mut().enumerate() {
+                            lanes[lane] = source_index(point[R - 1 - k], size[k], padding);
+                        }
+                    }
+                    // SAFETY: the CPU supports AVX2 and planes are indexable with i32 ([`has_avx2`]).
+                    unsafe {
+                        interpolate_block_avx2(&geometry, &positions, &sources, &mut targets, voxel)
+                    };
+                    voxel += LANES;
+                }
+            }
+            for (voxel, point) in points.chunks_exact(R).enumerate().skip(voxel) {
+                let position =
+                    std::array::from_fn(|k| source_index(point[R - 1 - k], size[k], padding));
+                interpolate_voxel(&geometry, position, &sources, &mut targets, voxel);
+            }
         }
-        sample_all(&frame, input, grid, out);
         Ok(())
     })
 }
 
-/// Shapes of one [`grid_sample`] call.
-struct Frame<const R: usize> {
-    channels: usize,
+/// Output voxels computed together by the AVX2 path.
+const LANES: usize = 8;
+
+/// Whether to use the AVX2 path: the CPU has it, and planes of `voxels` are indexable with i32 (gather indices).
+fn has_avx2(voxels: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && voxels < i32::MAX as usize
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = voxels;
+        false
+    }
+}
+
+/// Shapes shared by the interpolations of one call: input `size` and strides, and the offset of each corner of a
+/// cell from its lower corner (`2^R` used; corner c is upper along axis k when bit R - 1 - k of c is set, so bit 0
+/// is the last axis).
+struct Geometry<const R: usize> {
     size: [usize; R],
     strides: [usize; R],
-    voxels: usize,
-    out_voxels: usize,
-    padding: Padding,
+    offsets: [usize; 8],
+}
+
+impl<const R: usize> Geometry<R> {
+    fn new(size: [usize; R]) -> Self {
+        let mut strides = [1usize; R];
+        for k in (0..R.saturating_sub(1)).rev() {
+            strides[k] = strides[k + 1] * size[k + 1];
+        }
+        let mut offsets = [0usize; 8];
+        for (corner, offset) in offsets.iter_mut().enumerate().take(1 << R) {
+            *offset = (0..R)
+                .filter(|&k| corner >> (R - 1 - k) & 1 == 1)
+                .map(|k| strides[k])
+                .sum();
+        }
+        Self {
+            size,
+            strides,
+            offsets,
+        }
+    }
 }
 
 /// Positions further out than this are outside the input whatever their cell (libtorch clamps them likewise).
@@ -121,59 +190,23 @@ fn floor(value: f32) -> f32 {
     }
 }
 
-/// Offset of each corner of a cell from its lower corner (`2^R` used): corner c is upper along axis k when bit
-/// R - 1 - k of c is set, so bit 0 is the last axis.
-fn corner_offsets<const R: usize>(strides: &[usize; R]) -> [usize; 8] {
-    let mut offsets = [0usize; 8];
-    for (corner, offset) in offsets.iter_mut().enumerate().take(1 << R) {
-        *offset = (0..R)
-            .filter(|&k| corner >> (R - 1 - k) & 1 == 1)
-            .map(|k| strides[k])
-            .sum();
-    }
-    offsets
-}
-
+/// Interpolates every plane (`sources[p]` into `targets[p]`) at input `position` (voxels, tensor axis order) for
+/// output voxel `voxel`: linearly between the cell's corners, corners outside the input counting 0.
 #[inline(always)]
-fn sample_all<const R: usize>(frame: &Frame<R>, input: &[f32], grid: &[f32], out: &mut [f32]) {
-    let offsets = corner_offsets(&frame.strides);
-    let (channels, voxels, out_voxels) = (frame.channels, frame.voxels, frame.out_voxels);
-    for ((source, target), points) in input
-        .chunks_exact(channels * voxels)
-        .zip(out.chunks_exact_mut(channels * out_voxels))
-        .zip(grid.chunks_exact(out_voxels * R))
-    {
-        for (voxel, point) in points.chunks_exact(R).enumerate() {
-            sample_voxel(frame, &offsets, source, target, voxel, point);
-        }
-    }
-}
-
-/// Output voxel `voxel` of one sample (`source` its `[C, *size]` input, `target` its `[C, *out]` output), at the
-/// grid point `point`.
-#[inline(always)]
-fn sample_voxel<const R: usize>(
-    frame: &Frame<R>,
-    offsets: &[usize; 8],
-    source: &[f32],
-    target: &mut [f32],
+fn interpolate_voxel<const R: usize>(
+    geometry: &Geometry<R>,
+    position: [f32; R],
+    sources: &[&[f32]],
+    targets: &mut [&mut [f32]],
     voxel: usize,
-    point: &[f32],
 ) {
-    let &Frame {
-        channels,
-        size,
-        strides,
-        voxels,
-        out_voxels,
-        padding,
-    } = frame;
-    // Lower corner and the weight of the upper neighbour along each axis (tensor axis order).
+    let (size, strides) = (&geometry.size, &geometry.strides);
+    // Lower corner and the weight of the upper neighbour along each axis.
     let mut lower = [0isize; R];
     let mut upper_weight = [0f32; R];
     let mut finite = true;
     for k in 0..R {
-        let mut position = source_index(point[R - 1 - k], size[k], padding);
+        let mut position = position[k];
         // Far positions (and NaN) are outside whatever their corner.
         if position.is_nan() || position.abs() > FAR {
             finite = false;
@@ -188,16 +221,14 @@ fn sample_voxel<const R: usize>(
     let beyond = !finite || (0..R).any(|k| lower[k] < -1 || lower[k] >= size[k] as isize);
     if beyond {
         // No corner inside: 0 (zeros padding; reflected positions never get here).
-        for channel in 0..channels {
-            target[channel * out_voxels + voxel] = 0.0;
+        for target in targets.iter_mut() {
+            target[voxel] = 0.0;
         }
         return;
     }
     if !inside {
-        for channel in 0..channels {
-            let plane = &source[channel * voxels..(channel + 1) * voxels];
-            target[channel * out_voxels + voxel] =
-                border::<R>(plane, &lower, &size, &strides, &upper_weight);
+        for (source, target) in sources.iter().zip(targets.iter_mut()) {
+            target[voxel] = border::<R>(source, &lower, size, strides, &upper_weight);
         }
         return;
     }
@@ -206,12 +237,9 @@ fn sample_voxel<const R: usize>(
         base += lower[k] as usize * strides[k];
     }
     let mut values = [0f32; 8];
-    for channel in 0..channels {
-        let cell = base + channel * voxels;
-        for (value, &offset) in values.iter_mut().zip(offsets).take(1 << R) {
-            // SAFETY: the cell's upper corner is inside the input (checked above), so every corner's index is
-            // below `voxels` in this channel's plane of `source`.
-            *value = unsafe { *source.get_unchecked(cell + offset) };
+    for (source, target) in sources.iter().zip(targets.iter_mut()) {
+        for (value, &offset) in values.iter_mut().zip(&geometry.offsets).take(1 << R) {
+            *value = source[base + offset];
         }
         // Linear interpolation one axis at a time, the last axis (corner bit 0) first: a tree of R levels rather
         // than a chain of 2^R dependent additions. The AVX2 path does the same operations in the same order.
@@ -222,119 +250,153 @@ fn sample_voxel<const R: usize>(
                 values[i] = values[2 * i] * (1.0 - weight) + values[2 * i + 1] * weight;
             }
         }
-        target[channel * out_voxels + voxel] = values[0];
+        target[voxel] = values[0];
     }
 }
 
-/// [`sample_all`] 8 voxels at a time with AVX2 gathers, for blocks whose cells all lie inside the input; other
-/// blocks and the tail go voxel by voxel. The same float32 operations as [`sample_voxel`], so the same values.
+/// [`interpolate_voxel`] for the 8 output voxels from `voxel` at once, with AVX2 gathers, when all their cells lie
+/// inside the input (else voxel by voxel): the same float32 operations, so the same values.
 ///
 /// # Safety
-/// The CPU must support AVX2, and each channel plane must have fewer than 2^31 voxels (gather indices are i32).
+/// The CPU must support AVX2, and each plane must have fewer than 2^31 voxels (gather indices are i32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sample_all_avx2<const R: usize>(
-    frame: &Frame<R>,
-    input: &[f32],
-    grid: &[f32],
-    out: &mut [f32],
+unsafe fn interpolate_block_avx2<const R: usize>(
+    geometry: &Geometry<R>,
+    positions: &[[f32; LANES]; R],
+    sources: &[&[f32]],
+    targets: &mut [&mut [f32]],
+    voxel: usize,
 ) {
     use std::arch::x86_64::*;
-    const LANES: usize = 8;
-    let offsets = corner_offsets(&frame.strides);
-    let (channels, voxels, out_voxels) = (frame.channels, frame.voxels, frame.out_voxels);
-    for ((source, target), points) in input
-        .chunks_exact(channels * voxels)
-        .zip(out.chunks_exact_mut(channels * out_voxels))
-        .zip(grid.chunks_exact(out_voxels * R))
-    {
-        let mut voxel = 0;
-        while voxel + LANES <= out_voxels {
-            let mut positions = [[0f32; LANES]; R];
-            if frame.padding == Padding::Zeros {
-                // source_index's arithmetic on 8 coordinates at once, gathered from the interleaved grid.
-                let stride = _mm256_mullo_epi32(
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                    _mm256_set1_epi32(R as i32),
-                );
-                let block = &points[voxel * R..(voxel + LANES) * R];
-                for (k, lanes) in positions.iter_mut().enumerate() {
-                    let column = block[R - 1 - k..].as_ptr();
-                    // SAFETY: lane l reads block[R - 1 - k + l R], inside the block's 8 R values.
-                    let coord = _mm256_i32gather_ps::<4>(column, stride);
-                    let size = _mm256_set1_ps(frame.size[k] as f32);
-                    let position = _mm256_mul_ps(
-                        _mm256_sub_ps(
-                            _mm256_mul_ps(_mm256_add_ps(coord, _mm256_set1_ps(1.0)), size),
-                            _mm256_set1_ps(1.0),
-                        ),
-                        _mm256_set1_ps(0.5),
-                    );
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), position);
-                }
-            } else {
-                for lane in 0..LANES {
-                    let point = &points[(voxel + lane) * R..(voxel + lane + 1) * R];
-                    for k in 0..R {
-                        positions[k][lane] =
-                            source_index(point[R - 1 - k], frame.size[k], frame.padding);
-                    }
-                }
-            }
-            let mut inside = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-            let mut base = _mm256_setzero_si256();
-            let mut weights = [_mm256_setzero_ps(); R];
-            for k in 0..R {
-                let position = _mm256_loadu_ps(positions[k].as_ptr());
-                let below = _mm256_floor_ps(position);
-                weights[k] = _mm256_sub_ps(position, below);
-                // 0 <= lower and lower + 1 < size (false for NaN).
-                let low = _mm256_cmp_ps::<_CMP_GE_OQ>(below, _mm256_setzero_ps());
-                let high =
-                    _mm256_cmp_ps::<_CMP_LE_OQ>(below, _mm256_set1_ps(frame.size[k] as f32 - 2.0));
-                inside = _mm256_and_ps(inside, _mm256_and_ps(low, high));
-                let index = _mm256_cvttps_epi32(below);
-                base = _mm256_add_epi32(
-                    base,
-                    _mm256_mullo_epi32(index, _mm256_set1_epi32(frame.strides[k] as i32)),
-                );
-            }
-            if _mm256_movemask_ps(inside) != 0xff {
-                for lane in voxel..voxel + LANES {
-                    let point = &points[lane * R..(lane + 1) * R];
-                    sample_voxel(frame, &offsets, source, target, lane, point);
-                }
-                voxel += LANES;
-                continue;
-            }
-            for channel in 0..channels {
-                let plane = &source[channel * voxels..(channel + 1) * voxels];
-                let mut values = [_mm256_setzero_ps(); 8];
-                for (value, &offset) in values.iter_mut().zip(&offsets).take(1 << R) {
-                    let index = _mm256_add_epi32(base, _mm256_set1_epi32(offset as i32));
-                    // SAFETY: every lane's cell is inside the input (checked above), so each index is below
-                    // `voxels`, the length of `plane`.
-                    *value = _mm256_i32gather_ps::<4>(plane.as_ptr(), index);
-                }
-                let mut count = 1 << R;
-                for &weight in weights.iter().rev() {
-                    count /= 2;
-                    let rest = _mm256_sub_ps(_mm256_set1_ps(1.0), weight);
-                    for i in 0..count {
-                        values[i] = _mm256_add_ps(
-                            _mm256_mul_ps(values[2 * i], rest),
-                            _mm256_mul_ps(values[2 * i + 1], weight),
-                        );
-                    }
-                }
-                let start = channel * out_voxels + voxel;
-                _mm256_storeu_ps(target[start..start + LANES].as_mut_ptr(), values[0]);
-            }
-            voxel += LANES;
+    let mut inside = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    let mut base = _mm256_setzero_si256();
+    let mut weights = [_mm256_setzero_ps(); R];
+    for k in 0..R {
+        let position = _mm256_loadu_ps(positions[k].as_ptr());
+        let below = _mm256_floor_ps(position);
+        weights[k] = _mm256_sub_ps(position, below);
+        // 0 <= lower and lower + 1 < size (false for NaN).
+        let low = _mm256_cmp_ps::<_CMP_GE_OQ>(below, _mm256_setzero_ps());
+        let high =
+            _mm256_cmp_ps::<_CMP_LE_OQ>(below, _mm256_set1_ps(geometry.size[k] as f32 - 2.0));
+        inside = _mm256_and_ps(inside, _mm256_and_ps(low, high));
+        let index = _mm256_cvttps_epi32(below);
+        base = _mm256_add_epi32(
+            base,
+            _mm256_mullo_epi32(index, _mm256_set1_epi32(geometry.strides[k] as i32)),
+        );
+    }
+    if _mm256_movemask_ps(inside) != 0xff {
+        for lane in 0..LANES {
+            let position = positions.map(|lanes| lanes[lane]);
+            interpolate_voxel(geometry, position, sources, targets, voxel + lane);
         }
-        for lane in voxel..out_voxels {
-            let point = &points[lane * R..(lane + 1) * R];
-            sample_voxel(frame, &offsets, source, target, lane, point);
+        return;
+    }
+    for (source, target) in sources.iter().zip(targets.iter_mut()) {
+        let mut values = [_mm256_setzero_ps(); 8];
+        for (value, &offset) in values.iter_mut().zip(&geometry.offsets).take(1 << R) {
+            let index = _mm256_add_epi32(base, _mm256_set1_epi32(offset as i32));
+            // SAFETY: every lane's cell is inside the input (checked above), so each index is below the plane's
+            // length.
+            *value = _mm256_i32gather_ps::<4>(source.as_ptr(), index);
+        }
+        let mut count = 1 << R;
+        for &weight in weights.iter().rev() {
+            count /= 2;
+            let rest = _mm256_sub_ps(_mm256_set1_ps(1.0), weight);
+            for i in 0..count {
+                values[i] = _mm256_add_ps(
+                    _mm256_mul_ps(values[2 * i], rest),
+                    _mm256_mul_ps(values[2 * i + 1], weight),
+                );
+            }
+        }
+        _mm256_storeu_ps(target[voxel..voxel + LANES].as_mut_ptr(), values[0]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interpolate_block_avx2<const R: usize>(
+    geometry: &Geometry<R>,
+    positions: &[[f32; LANES]; R],
+    sources: &[&[f32]],
+    targets: &mut [&mut [f32]],
+    voxel: usize,
+) {
+    for lane in 0..LANES {
+        let position = positions.map(|lanes| lanes[lane]);
+        interpolate_voxel(geometry, position, sources, targets, voxel + lane);
+    }
+}
+
+/// Tolerance, in voxels, of "inside the outer voxel centres" for affine warps (as `warp::host_affine_grids`).
+const AFFINE_TOLERANCE: f64 = 1e-3;
+
+/// Warps float32 planes through one affine map per sample, in voxel indices: output voxel `o` of sample `b` reads
+/// input position `matrices[b][.., ..R] · o + matrices[b][.., R]`, linearly interpolated (neighbours outside read
+/// 0), or 0 when that position lies beyond the outer voxel centres (by more than 1e-3 voxel): what
+/// `warp::host_affine_grids` and `grid_sample` compute, without building the grid. `sources[b]` and `targets[b]`
+/// are sample `b`'s planes (every channel of every tensor), input and output on `size`.
+pub fn warp_affine<const R: usize>(
+    size: [usize; R],
+    matrices: &[Vec<Vec<f64>>],
+    sources: &[Vec<&[f32]>],
+    targets: &mut [Vec<&mut [f32]>],
+) {
+    let voxels: usize = size.iter().product();
+    let geometry = Geometry::new(size);
+    let avx2 = has_avx2(voxels);
+    let last = size[R - 1];
+    let limits: [f64; R] = std::array::from_fn(|k| size[k] as f64 - 1.0 + AFFINE_TOLERANCE);
+    for ((matrix, sources), targets) in matrices.iter().zip(sources).zip(targets.iter_mut()) {
+        let along: [f64; R] = std::array::from_fn(|k| matrix[k][R - 1]);
+        let mut outer = [0usize; R];
+        for line in 0..voxels / last {
+            let mut rest = line;
+            for axis in (0..R - 1).rev() {
+                outer[axis] = rest % size[axis];
+                rest /= size[axis];
+            }
+            let start: [f64; R] = std::array::from_fn(|k| {
+                matrix[k][R]
+                    + (0..R - 1)
+                        .map(|axis| matrix[k][axis] * outer[axis] as f64)
+                        .sum::<f64>()
+            });
+            // Input position of step `step` along the line, as float32, or far outside.
+            let position = |step: usize| -> [f32; R] {
+                let exact: [f64; R] = std::array::from_fn(|k| start[k] + along[k] * step as f64);
+                let within = (0..R).all(|k| exact[k] >= -AFFINE_TOLERANCE && exact[k] <= limits[k]);
+                std::array::from_fn(|k| if within { exact[k] as f32 } else { -FAR })
+            };
+            let first = line * last;
+            let mut step = 0;
+            if avx2 {
+                while step + LANES <= last {
+                    let mut positions = [[0f32; LANES]; R];
+                    for lane in 0..LANES {
+                        for (lanes, value) in positions.iter_mut().zip(position(step + lane)) {
+                            lanes[lane] = value;
+                        }
+                    }
+                    // SAFETY: the CPU supports AVX2 and planes are indexable with i32 ([`has_avx2`]).
+                    unsafe {
+                        interpolate_block_avx2(
+                            &geometry,
+                            &positions,
+                            sources,
+                            targets,
+                            first + step,
+                        )
+                    };
+                    step += LANES;
+                }
+            }
+            for step in step..last {
+                interpolate_voxel(&geometry, position(step), sources, targets, first + step);
+            }
         }
     }
 }
@@ -426,10 +488,9 @@ mod tests {
 
     // The AVX2 path and the scalar path give the same bits (the claim that a seed gives the same warp on every
     // x86-64 CPU), on grids with blocks inside, across and outside the input, for both paddings.
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_and_scalar_paths_agree_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if !has_avx2(1) {
             return;
         }
         tch::manual_seed(3);
@@ -437,21 +498,20 @@ mod tests {
         let input = Tensor::rand([2, 2, 6, 9, 5], options);
         let grid = Tensor::rand([2, 5, 7, 11, 3], options) * 2.4 - 1.2;
         let (values, points) = (f32_data(&input).unwrap(), f32_data(&grid).unwrap());
-        let size = [6usize, 9, 5];
         for padding in [Padding::Zeros, Padding::Reflection] {
-            let frame = Frame {
-                channels: 2,
-                size,
-                strides: [45, 5, 1],
-                voxels: 270,
-                out_voxels: 5 * 7 * 11,
-                padding,
+            let run = |avx2| {
+                let out = grid_sample_with::<3>(
+                    values,
+                    &input.size(),
+                    points,
+                    &grid.size(),
+                    padding,
+                    avx2,
+                )
+                .unwrap();
+                f32_data(&out).unwrap().to_vec()
             };
-            let mut scalar = vec![0f32; 2 * 2 * frame.out_voxels];
-            let mut vector = scalar.clone();
-            sample_all(&frame, values, points, &mut scalar);
-            // SAFETY: AVX2 is present (checked above) and the planes are small.
-            unsafe { sample_all_avx2(&frame, values, points, &mut vector) };
+            let (scalar, vector) = (run(false), run(true));
             assert!(
                 scalar
                     .iter()

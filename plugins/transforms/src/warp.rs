@@ -1,9 +1,9 @@
 //! Resampling every tensor of a sample through a coordinate map with libtorch's `grid_sample` (or, for 3D float32
 //! batches on the CPU, its Rust equivalent in `sampler`), for the random spatial transforms (affine, elastic). Runs
 //! wherever the tensors live (CPU or GPU).
-use crate::cpu::{all_binary, f32_data, new_f32};
+use crate::cpu::{all_binary, f32_data, fresh_f32_mut, new_f32};
 use crate::geometry::{batch_spatial_shape, is_float};
-use crate::sampler::{grid_sample, Padding};
+use crate::sampler::{grid_sample, warp_affine, Padding};
 use ivado_sdk::tch::{Device, Kind, Tensor};
 use ivado_sdk::{Batch, PluginError, Result, Sample};
 use std::collections::BTreeMap;
@@ -379,6 +379,99 @@ fn split_thresholded_f32(
         })?;
         start += length;
         tensors.insert(name.clone(), warped.f_to_kind(kind)?);
+    }
+    Ok(())
+}
+
+/// Warps every tensor of a batch through one affine map per sample (`matrices`, voxel indices as in
+/// [`host_affine_grids`]), each with its [`warp_mode`]. When every tensor is a contiguous float32 CPU tensor, the
+/// positions come straight from the matrices and each sample's planes (all channels of all tensors) are
+/// interpolated together with [`warp_affine`], with no grid, no stacked copy of the channels and outputs written in
+/// place; otherwise through [`warp_batch`] with [`host_affine_grids`]. Both read 0 beyond the outer voxel centres.
+pub fn warp_affine_batch(
+    tensors: &mut BTreeMap<String, Tensor>,
+    rank: usize,
+    shape: &[i64],
+    matrices: &[Vec<Vec<f64>>],
+) -> Result<()> {
+    let direct = !tensors.is_empty()
+        && tensors.values().all(|t| {
+            let size = t.size();
+            f32_data(t).is_some()
+                && size.len() > rank
+                && size[0] as usize == matrices.len()
+                && size[size.len() - rank..] == *shape
+        });
+    if !direct {
+        return warp_batch(tensors, rank, &|work, device| {
+            host_affine_grids(matrices, shape, work, device)
+        });
+    }
+    let rows = matrices.len();
+    let voxels: usize = shape.iter().map(|&n| n as usize).product();
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let mut binary = Vec::with_capacity(names.len());
+    let mut outputs = Vec::with_capacity(names.len());
+    for name in &names {
+        let tensor = &tensors[name];
+        binary.push(if name.starts_with("label") || name.starts_with("roi") {
+            binary_rows(tensor)?
+        } else {
+            vec![false; rows]
+        });
+        outputs.push(Tensor::f_empty(tensor.size(), (Kind::Float, Device::Cpu))?);
+    }
+    {
+        let inputs: Vec<&[f32]> = names
+            .iter()
+            .map(|name| f32_data(&tensors[name]).unwrap_or_default())
+            .collect();
+        // SAFETY: the outputs were just made and nothing else refers to them.
+        let mut written: Vec<&mut [f32]> = outputs
+            .iter_mut()
+            .map(|t| unsafe { fresh_f32_mut(t) })
+            .collect();
+        // Sample b's planes: every channel of every tensor, in name order.
+        let mut sources: Vec<Vec<&[f32]>> = vec![Vec::new(); rows];
+        for input in &inputs {
+            for (b, sample) in input.chunks_exact(input.len() / rows).enumerate() {
+                sources[b].extend(sample.chunks_exact(voxels));
+            }
+        }
+        let mut targets: Vec<Vec<&mut [f32]>> = (0..rows).map(|_| Vec::new()).collect();
+        for output in written.iter_mut() {
+            let per_sample = output.len() / rows;
+            for (b, sample) in output.chunks_exact_mut(per_sample).enumerate() {
+                targets[b].extend(sample.chunks_exact_mut(voxels));
+            }
+        }
+        let size = |k: usize| shape[k] as usize;
+        match rank {
+            2 => warp_affine::<2>([size(0), size(1)], matrices, &sources, &mut targets),
+            _ => warp_affine::<3>(
+                [size(0), size(1), size(2)],
+                matrices,
+                &sources,
+                &mut targets,
+            ),
+        }
+    }
+    for ((name, mut output), binary) in names.into_iter().zip(outputs).zip(binary) {
+        if binary.iter().any(|&b| b) {
+            // SAFETY: `output` is still only ours.
+            let values = unsafe { fresh_f32_mut(&mut output) };
+            let per_sample = values.len() / rows;
+            for (sample, _) in values
+                .chunks_exact_mut(per_sample)
+                .zip(&binary)
+                .filter(|(_, &b)| b)
+            {
+                for v in sample {
+                    *v = if *v >= 0.5 { 1.0 } else { 0.0 };
+                }
+            }
+        }
+        tensors.insert(name, output);
     }
     Ok(())
 }
