@@ -261,6 +261,7 @@ fn interpolate_voxel<const R: usize>(
 /// The CPU must support AVX2, and each plane must have fewer than 2^31 voxels (gather indices are i32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn interpolate_block_avx2<const R: usize>(
     geometry: &Geometry<R>,
     positions: &[[f32; LANES]; R],
@@ -345,9 +346,35 @@ pub fn warp_affine<const R: usize>(
     sources: &[Vec<&[f32]>],
     targets: &mut [Vec<&mut [f32]>],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2(size.iter().product()) {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide<const R: usize>(
+            size: [usize; R],
+            matrices: &[Vec<Vec<f64>>],
+            sources: &[Vec<&[f32]>],
+            targets: &mut [Vec<&mut [f32]>],
+        ) {
+            warp_affine_with::<R, true>(size, matrices, sources, targets)
+        }
+        // SAFETY: the CPU supports AVX2 and planes are indexable with i32, checked just above.
+        unsafe { wide(size, matrices, sources, targets) };
+        return;
+    }
+    warp_affine_with::<R, false>(size, matrices, sources, targets)
+}
+
+/// [`warp_affine`], with the AVX2 blocks when `AVX2` (only instantiated so where the CPU has it).
+#[inline(always)]
+fn warp_affine_with<const R: usize, const AVX2: bool>(
+    size: [usize; R],
+    matrices: &[Vec<Vec<f64>>],
+    sources: &[Vec<&[f32]>],
+    targets: &mut [Vec<&mut [f32]>],
+) {
     let voxels: usize = size.iter().product();
     let geometry = Geometry::new(size);
-    let avx2 = has_avx2(voxels);
+    let avx2 = AVX2;
     let last = size[R - 1];
     let limits: [f64; R] = std::array::from_fn(|k| size[k] as f64 - 1.0 + AFFINE_TOLERANCE);
     for ((matrix, sources), targets) in matrices.iter().zip(sources).zip(targets.iter_mut()) {
