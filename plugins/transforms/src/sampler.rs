@@ -27,6 +27,9 @@ fn source_index(coord: f32, size: usize, padding: Padding) -> f32 {
     let position = ((coord + 1.0) * size - 1.0) * 0.5;
     match padding {
         Padding::Zeros => position,
+        // Inside the outer voxel centres, reflecting and clipping leave the position as it is (libtorch's round
+        // trip through `position + 0.5` may move it by a rounding error); skipping them spares an fmod.
+        Padding::Reflection if (0.0..=size - 1.0).contains(&position) => position,
         Padding::Reflection => {
             // reflect_coordinates(position, -1, 2 size - 1): mirror about -0.5 and size - 0.5.
             let distance = (position + 0.5).abs();
