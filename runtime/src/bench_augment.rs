@@ -10,6 +10,10 @@
 //! Workers are threads that each augment whole samples or whole batches, as a data loader's workers do (ivadomed
 //! uses PyTorch DataLoader workers); each runs libtorch with one intra-op thread, so the figures measure
 //! sample-level parallelism rather than the splitting of one small tensor op over cores.
+//!
+//! Each row also gives the workers' thread CPU time per sample: when other processes take the cores, samples/s
+//! falls but CPU time per sample does not, while contention between the workers themselves (a lock, a shared
+//! pool) would raise it. A last section splits one worker's CPU time per sample between the steps.
 use crate::data::axial_samples;
 use crate::device;
 use crate::phantom::{self, PhantomSpec};
