@@ -10,6 +10,10 @@
 //! Workers are threads that each augment whole samples or whole batches, as a data loader's workers do (ivadomed
 //! uses PyTorch DataLoader workers); each runs libtorch with one intra-op thread, so the figures measure
 //! sample-level parallelism rather than the splitting of one small tensor op over cores.
+//!
+//! Each row also gives the workers' thread CPU time per sample: when other processes take the cores, samples/s
+//! falls but CPU time per sample does not, while contention between the workers themselves (a lock, a shared
+//! pool) would raise it. A last section splits one worker's CPU time per sample between the steps.
 use crate::data::axial_samples;
 use crate::device;
 use crate::phantom::{self, PhantomSpec};
@@ -91,6 +95,9 @@ pub struct AugmentTiming {
     pub seconds: f64,
     /// Mean time one worker spent on one sample.
     pub seconds_per_sample: f64,
+    /// Mean thread CPU time of one sample (the workers' CPU time over the samples): unlike wall time, it does not
+    /// grow when other processes take the cores, and it grows when the workers contend for something.
+    pub cpu_seconds_per_sample: f64,
 }
 
 impl AugmentTiming {
@@ -216,6 +223,20 @@ pub fn phantom_cases(device: Device) -> Result<Vec<AugmentCase>> {
     ])
 }
 
+/// CPU time the calling thread has used, in seconds: what a worker costs, whatever else the machine runs.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into; the clock id is a constant the kernel knows.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return 0.0;
+    }
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
 fn synchronize(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
@@ -224,8 +245,8 @@ fn synchronize(device: Device) {
 
 /// Augments `count` samples (sample `i` is `samples[i % len]` with seed `derive_seed(seed, i)`) on
 /// `threads` workers. Per sample, worker `w` takes every `threads`-th sample from `w`; batched, the samples are
-/// cut into consecutive batches and worker `w` takes every `threads`-th batch from `w`. Returns the wall time and
-/// the summed per-sample time.
+/// cut into consecutive batches and worker `w` takes every `threads`-th batch from `w`. Returns the wall time, the
+/// summed per-sample time and the workers' summed thread CPU time.
 fn augment(
     pipeline: &Pipeline,
     samples: &[Sample],
@@ -234,7 +255,7 @@ fn augment(
     mode: AugmentMode,
     seed: u64,
     device: Device,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let group = match mode {
         AugmentMode::PerSample => 1,
         AugmentMode::Batched(size) => size.max(1),
@@ -245,7 +266,7 @@ fn augment(
         .map(<[usize]>::to_vec)
         .collect();
     let started = Instant::now();
-    let per_sample = std::thread::scope(|scope| {
+    let (per_sample, cpu) = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|worker| {
                 let work: Vec<Vec<(u64, Sample)>> = groups
@@ -264,8 +285,9 @@ fn augment(
                             .collect()
                     })
                     .collect();
-                scope.spawn(move || -> Result<f64> {
+                scope.spawn(move || -> Result<(f64, f64)> {
                     tch::set_num_threads(1);
+                    let cpu_start = thread_cpu_seconds();
                     let mut busy = 0.0;
                     for group in work {
                         let begun = Instant::now();
@@ -292,21 +314,21 @@ fn augment(
                         }
                         busy += begun.elapsed().as_secs_f64();
                     }
-                    Ok(busy)
+                    Ok((busy, thread_cpu_seconds() - cpu_start))
                 })
             })
             .collect();
         workers
             .into_iter()
-            .map(|worker| {
-                worker
+            .try_fold((0.0, 0.0), |(busy, cpu), worker| -> Result<(f64, f64)> {
+                let (worker_busy, worker_cpu) = worker
                     .join()
-                    .map_err(|_| anyhow!("an augmentation worker panicked"))?
+                    .map_err(|_| anyhow!("an augmentation worker panicked"))??;
+                Ok((busy + worker_busy, cpu + worker_cpu))
             })
-            .sum::<Result<f64>>()
     })?;
     synchronize(device);
-    Ok((started.elapsed().as_secs_f64(), per_sample))
+    Ok((started.elapsed().as_secs_f64(), per_sample, cpu))
 }
 
 /// Times `steps` samples of `case` on `threads` workers, after `warmup` untimed samples on one worker.
@@ -337,7 +359,7 @@ pub fn time_case(
         device,
     )
     .with_context(|| format!("bench: warming up on {}", case.name))?;
-    let (seconds, busy) = augment(
+    let (seconds, busy, cpu) = augment(
         pipeline,
         &case.samples,
         steps,
@@ -354,6 +376,68 @@ pub fn time_case(
         samples: steps,
         seconds,
         seconds_per_sample: busy / steps as f64,
+        cpu_seconds_per_sample: cpu / steps as f64,
+    })
+}
+
+/// Thread CPU time per sample of each step of `pipeline`, batched ([`BENCH_BATCH`] samples a batch) on one worker
+/// thread with one libtorch thread, over `batches` batches of `case` after one untimed batch. A step's time
+/// includes its plugin call (tensor hand-over, metadata and undo records).
+pub fn profile_steps(
+    pipeline: &Pipeline,
+    case: &AugmentCase,
+    batches: usize,
+    device: Device,
+) -> Result<Vec<f64>> {
+    ensure!(
+        !case.samples.is_empty(),
+        "bench: {} has no samples",
+        case.name
+    );
+    // Tensors are `Send` but not `Sync`: the worker gets its own handles, and stacks its batches itself.
+    let sources: Vec<Sample> = case.samples.iter().map(shallow_copy).collect();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<Vec<f64>> {
+                tch::set_num_threads(1);
+                let batch_of = |first: usize| -> Result<(Vec<u64>, Batch)> {
+                    let (seeds, samples): (Vec<u64>, Vec<Sample>) = (first..first + BENCH_BATCH)
+                        .map(|i| {
+                            (
+                                derive_seed(BENCH_SEED, i as u64),
+                                shallow_copy(&sources[i % sources.len()]),
+                            )
+                        })
+                        .unzip();
+                    Ok((seeds, Batch::stack(samples)?))
+                };
+                let mut totals = vec![0.0; pipeline.steps.len()];
+                for index in 0..=batches.max(1) {
+                    let (seeds, batch) = batch_of(index * BENCH_BATCH)?;
+                    let mut last = thread_cpu_seconds();
+                    let mut spent = vec![0.0; totals.len()];
+                    let (augmented, _) = pipeline.apply_batch_observed(
+                        Phase::Training,
+                        batch,
+                        &seeds,
+                        &mut |step| {
+                            synchronize(device);
+                            let now = thread_cpu_seconds();
+                            spent[step] += now - last;
+                            last = now;
+                        },
+                    )?;
+                    drop(augmented);
+                    // The first batch warms up.
+                    if index > 0 {
+                        totals.iter_mut().zip(spent).for_each(|(t, s)| *t += s);
+                    }
+                }
+                let samples = (batches.max(1) * BENCH_BATCH) as f64;
+                Ok(totals.into_iter().map(|t| t / samples).collect())
+            })
+            .join()
+            .map_err(|_| anyhow!("the profiling worker panicked"))?
     })
 }
 
@@ -393,8 +477,8 @@ pub fn run(
     )?;
     writeln!(
         table,
-        "{:<24} {:<14} {:>8} {:>12} {:>10}",
-        "case", "mode", "threads", "samples/s", "ms/sample"
+        "{:<24} {:<14} {:>8} {:>12} {:>10} {:>14}",
+        "case", "mode", "threads", "samples/s", "ms/sample", "CPU ms/sample"
     )?;
     for case in &cases {
         for mode in [AugmentMode::PerSample, AugmentMode::Batched(BENCH_BATCH)] {
@@ -407,15 +491,37 @@ pub fn run(
                 let timing = time_case(&pipeline, case, count, mode, warm, steps, device)?;
                 writeln!(
                     table,
-                    "{:<24} {:<14} {:>8} {:>12.1} {:>10.3}",
+                    "{:<24} {:<14} {:>8} {:>12.1} {:>10.3} {:>14.3}",
                     timing.case,
                     timing.mode.label(),
                     timing.threads,
                     timing.samples_per_second(),
-                    timing.seconds_per_sample * 1e3
+                    timing.seconds_per_sample * 1e3,
+                    timing.cpu_seconds_per_sample * 1e3
                 )?;
             }
         }
+    }
+    writeln!(
+        table,
+        "thread CPU ms per sample by step, batched ({BENCH_BATCH}), 1 worker:"
+    )?;
+    for case in &cases {
+        let batches = (steps / BENCH_BATCH).max(2);
+        let per_step = profile_steps(&pipeline, case, batches, device)?;
+        let parts: Vec<String> = names
+            .iter()
+            .zip(&per_step)
+            .map(|(name, seconds)| format!("{name} {:.3}", seconds * 1e3))
+            .collect();
+        // Indented, so only the timed rows start with the case name.
+        writeln!(
+            table,
+            "  {}: {} = {:.3}",
+            case.name,
+            parts.join(", "),
+            per_step.iter().sum::<f64>() * 1e3
+        )?;
     }
     Ok(table)
 }

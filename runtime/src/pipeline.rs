@@ -477,8 +477,20 @@ impl Pipeline {
     pub fn apply_batch(
         &self,
         phase: Phase,
+        batch: Batch,
+        seeds: &[u64],
+    ) -> Result<(Batch, Vec<UndoRecords>)> {
+        self.apply_batch_observed(phase, batch, seeds, &mut |_| {})
+    }
+
+    /// [`Pipeline::apply_batch`], calling `after_step(index)` as each step finishes (whether it ran or was
+    /// skipped), so a profiler can attribute time to steps.
+    pub fn apply_batch_observed(
+        &self,
+        phase: Phase,
         mut batch: Batch,
         seeds: &[u64],
+        after_step: &mut dyn FnMut(usize),
     ) -> Result<(Batch, Vec<UndoRecords>)> {
         if seeds.len() != batch.len() {
             bail!(
@@ -503,6 +515,7 @@ impl Pipeline {
                 batch = visible;
                 batch.tensors.extend(hidden);
                 records.iter_mut().for_each(|r| r.push(None));
+                after_step(index);
                 continue;
             }
             let step_seeds: Vec<u64> = seeds
@@ -517,6 +530,7 @@ impl Pipeline {
             for (sample_records, record) in records.iter_mut().zip(step_records) {
                 sample_records.push(Some(record));
             }
+            after_step(index);
         }
         Ok((batch, records))
     }

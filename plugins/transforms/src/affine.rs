@@ -1,7 +1,7 @@
 //! ivadomed's `RandomAffine`.
 use crate::random::{seeded, uniform};
 use crate::warp::{
-    affine_grid, batch_frame, host_affine_grids, invert_affine, warp_batch, warp_sample, Outside,
+    affine_grid, batch_frame, invert_affine, warp_affine_batch, warp_sample, Outside,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::{
@@ -227,9 +227,7 @@ impl Transform for RandomAffine {
             matrices.push(matrix);
             records.push(record);
         }
-        warp_batch(&mut batch.tensors, rank, &|work, device| {
-            host_affine_grids(&matrices, &frame.shape, work, device)
-        })?;
+        warp_affine_batch(&mut batch.tensors, rank, &frame.shape, &matrices)?;
         Ok(records)
     }
 

@@ -206,3 +206,73 @@ fn seeds_must_match_the_batch() {
     .0;
     assert!(error.contains("2 samples needs as many seeds"), "{error}");
 }
+
+/// `tensor` as a non-contiguous view with the same values: the transforms' libtorch path, where a contiguous
+/// float32 CPU tensor takes their fused CPU path.
+fn strided(tensor: &Tensor) -> Tensor {
+    let last = tensor.dim() as i64 - 1;
+    let view = tensor
+        .transpose(last - 1, last)
+        .contiguous()
+        .transpose(last - 1, last);
+    assert!(!view.is_contiguous() && view.equal(tensor));
+    view
+}
+
+/// Applies `transform` to the same batch held contiguously (fused CPU path) and as strided views (libtorch path)
+/// and returns the largest difference of each tensor, after checking the records agree.
+fn fused_against_libtorch<T: Transform>(transform: &T, shape: &[i64]) -> Vec<(String, f64)> {
+    let samples: Vec<Sample> = (0..4).map(|i| sample(i, shape)).collect();
+    let seeds = [11u64, 12, 13, 14];
+    let mut fused = Batch::stack(samples).unwrap();
+    let mut torch = Batch {
+        tensors: fused
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), strided(t)))
+            .collect(),
+        metas: fused.metas.clone(),
+    };
+    let fused_records = transform.apply_batch(&mut fused, &seeds).unwrap();
+    let torch_records = transform.apply_batch(&mut torch, &seeds).unwrap();
+    assert_eq!(fused_records.len(), torch_records.len());
+    fused
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            let other = torch.get(name).unwrap();
+            assert_eq!(t.kind(), other.kind(), "{} {name}", T::NAME);
+            (name.clone(), max_difference(t, other))
+        })
+        .collect()
+}
+
+// The fused CPU loops compute what the libtorch ops compute, on the same draws.
+#[test]
+fn fused_cpu_paths_equal_libtorch_paths() {
+    for shape in shapes() {
+        // Affine: positions straight from the matrix against the float32 grid's normalised coordinates, which
+        // round them to about 1e-5 voxel; image values change by less than 1e-4 (gradients below 0.5 per voxel),
+        // and the thresholded labels (and the soft one of sample 1) agree.
+        let affine: RandomAffine =
+            build(json!({"degrees": 20, "translate": [0.1, 0.1], "scale": [0.2, 0.2]}));
+        for (name, difference) in fused_against_libtorch(&affine, &shape) {
+            assert!(difference < 1e-4, "affine {shape:?} {name}: {difference}");
+        }
+        let noise: AdditiveGaussianNoise = build(json!({"mean": 0.1, "std": 0.2}));
+        for (name, difference) in fused_against_libtorch(&noise, &shape) {
+            assert!(difference < 1e-6, "noise {shape:?} {name}: {difference}");
+        }
+        // log gamma in [-3, 3] (ivadomed's documented range): powers from 0.05 to 20.
+        let gamma: RandomGamma = build(json!({"log_gamma_range": [-3, 3], "p": 0.5}));
+        for (name, difference) in fused_against_libtorch(&gamma, &shape) {
+            assert!(difference < 1e-6, "gamma {shape:?} {name}: {difference}");
+        }
+        for (name, difference) in fused_against_libtorch(&NormalizeInstance, &shape) {
+            assert!(
+                difference < 1e-5,
+                "normalize {shape:?} {name}: {difference}"
+            );
+        }
+    }
+}

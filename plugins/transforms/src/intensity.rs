@@ -5,10 +5,12 @@
 //! as a no-op (a prediction carries no intensity change to revert). ivadomed runs them on each contrast (channel)
 //! separately, drawing the random parameters anew for each; so do these: channel c of `image` `[C, ...]` gets its
 //! own draws, in channel order from the one seeded stream. Integer images come out as float32.
+use crate::cpu::{f32_data, new_f32};
 use crate::filters::{gaussian_filter_rows, Border};
 use crate::geometry::is_float;
 use crate::random::{
-    chance, non_negative_key, normal_values, probability_key, range_key, seeded, uniform,
+    chance, fill_normal, non_negative_key, normal, normal_values, probability_key, range_key,
+    seeded, uniform,
 };
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
@@ -187,6 +189,25 @@ impl Transform for AdditiveGaussianNoise {
             return Ok(records);
         };
         let per_sample = image.numel() as i64 / seeds.len() as i64;
+        if let Some(pixels) = f32_data(image) {
+            // Fused on the CPU: each value is x + (mean + std z), as the libtorch path below adds float32 noise.
+            let normal = normal(self.mean, self.std)?;
+            let noisy = new_f32(&image.size(), |out| {
+                for ((target, source), &seed) in out
+                    .chunks_exact_mut(per_sample as usize)
+                    .zip(pixels.chunks_exact(per_sample as usize))
+                    .zip(seeds)
+                {
+                    fill_normal(&mut seeded(seed), &normal, target);
+                    for (t, &x) in target.iter_mut().zip(source) {
+                        *t += x;
+                    }
+                }
+                Ok(())
+            })?;
+            batch.insert("image", noisy);
+            return Ok(records);
+        }
         let mut values = Vec::with_capacity(image.numel());
         for &seed in seeds {
             // ivadomed draws the noise as float32 too.
@@ -362,6 +383,11 @@ impl Transform for RandomGamma {
                 }
             }
         }
+        if let Some(pixels) = f32_data(image) {
+            let out = gamma_f32(image, pixels, channels, &rows, &gammas)?;
+            batch.insert("image", out);
+            return Ok(records);
+        }
         let out = change_rows(image, &rows, |selected| {
             let gamma = per_row(
                 &gammas,
@@ -382,6 +408,52 @@ impl Transform for RandomGamma {
     fn undo(&self, _sample: &mut Sample, _record: &Value) -> Result<()> {
         Ok(())
     }
+}
+
+/// The float32 CPU path of [`RandomGamma`]: `|x|^gamma` of the chosen rows in one libtorch `pow` (its vectorised
+/// kernel), then one loop that writes the new image: unchanged rows copied, chosen rows given `x`'s sign and
+/// overflow clamped as `nan_to_num` does (NaN to 0, ±inf to the largest finite float).
+fn gamma_f32(
+    image: &Tensor,
+    pixels: &[f32],
+    channels: i64,
+    rows: &[i64],
+    gammas: &[f64],
+) -> Result<Tensor> {
+    let shape = image.size();
+    let length = pixels.len() / (shape[0] * channels) as usize;
+    let powered = if rows.is_empty() {
+        None
+    } else {
+        let flat = image.f_reshape([shape[0] * channels, -1])?;
+        let index = Tensor::f_from_slice(rows)?;
+        let exponents = Tensor::f_from_slice(gammas)?
+            .f_to_kind(Kind::Float)?
+            .f_reshape([-1, 1])?;
+        Some(
+            flat.f_index_select(0, &index)?
+                .f_abs()?
+                .f_pow(&exponents)?
+                .f_contiguous()?,
+        )
+    };
+    let magnitudes = powered.as_ref().and_then(f32_data).unwrap_or_default();
+    new_f32(&shape, |out| {
+        out.copy_from_slice(pixels);
+        for (&row, magnitude) in rows.iter().zip(magnitudes.chunks_exact(length)) {
+            let start = row as usize * length;
+            let target = &mut out[start..start + length];
+            for (t, &m) in target.iter_mut().zip(magnitude) {
+                let signed = m.copysign(*t);
+                *t = if signed.is_nan() {
+                    0.0
+                } else {
+                    signed.clamp(-f32::MAX, f32::MAX)
+                };
+            }
+        }
+        Ok(())
+    })
 }
 
 /// ivadomed's `RandomBiasField` (torchio's): with probability `p`, multiplies the channel by

@@ -15,13 +15,15 @@
 //! transforms, whose undo is a no-op); `ElasticTransform` cannot be undone and says so.
 //!
 //! Random transforms draw only from the `seed` given to `apply` (a ChaCha8 stream, noise drawn on the host), so a
-//! seed gives the same result on every device and thread count. All tensor work uses libtorch ops and runs where the
-//! sample's tensors live, CPU or GPU.
+//! seed gives the same result on every device and thread count. Tensor work runs where the sample's tensors live,
+//! CPU or GPU, with libtorch ops; on the CPU, the training augmentations fuse their chains of ops on contiguous
+//! float32 tensors into Rust loops (`cpu`, `sampler`) that compute the same values with fewer passes over memory.
 
 mod affine;
 #[cfg(test)]
 mod batch_tests;
 mod clahe;
+mod cpu;
 mod crop;
 mod dilate;
 mod elastic;
@@ -29,12 +31,15 @@ mod filters;
 mod geometry;
 mod intensity;
 mod normalize;
+#[cfg(test)]
+mod profile_tests;
 mod random;
 #[cfg(test)]
 mod reference_data;
 mod resample;
 mod reverse;
 mod roi_crop;
+mod sampler;
 mod warp;
 
 pub use affine::RandomAffine;

@@ -1,4 +1,5 @@
 //! ivadomed's `NormalizeInstance`.
+use crate::cpu::{f32_data, new_f32, squared_deviations_f64, sum_f64};
 use crate::geometry::{is_float, record_floats};
 use ivado_sdk::serde_json::{json, Value};
 use ivado_sdk::tch::{Device, Kind, Tensor};
@@ -26,16 +27,52 @@ impl NormalizeInstance {
         let divisors = means
             .iter()
             .zip(&variances)
-            .map(|(m, v)| {
-                let std = v.sqrt();
-                if std.is_finite() && std > 1e-7 * m.abs().max(1.0) {
-                    std
-                } else {
-                    1.0
-                }
-            })
+            .map(|(&m, &v)| Self::divisor(m, v))
             .collect();
         Ok((means, divisors))
+    }
+
+    /// What a channel of mean `mean` and variance `variance` is divided by: its std, or 1 for a constant channel.
+    fn divisor(mean: f64, variance: f64) -> f64 {
+        let std = variance.sqrt();
+        if std.is_finite() && std > 1e-7 * mean.abs().max(1.0) {
+            std
+        } else {
+            1.0
+        }
+    }
+
+    /// The float32 CPU path of [`Transform::apply_batch`]: per row of `values` (`rows` equal rows), the mean and
+    /// population variance in float64 (two passes, as exact as libtorch's float64 reduction), then
+    /// `(x - mean) / divisor` in float32 as the libtorch path computes it, in one loop writing a new tensor.
+    fn standardise_f32(
+        values: &[f32],
+        rows: usize,
+        shape: &[i64],
+    ) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+        let length = values.len() / rows;
+        let mut means = Vec::with_capacity(rows);
+        let mut divisors = Vec::with_capacity(rows);
+        for row in values.chunks_exact(length) {
+            let mean = sum_f64(row) / length as f64;
+            let variance = squared_deviations_f64(row, mean) / length as f64;
+            means.push(mean);
+            divisors.push(Self::divisor(mean, variance));
+        }
+        let out = new_f32(shape, |out| {
+            for ((target, row), (&mean, &divisor)) in out
+                .chunks_exact_mut(length)
+                .zip(values.chunks_exact(length))
+                .zip(means.iter().zip(&divisors))
+            {
+                let (mean, divisor) = (mean as f32, divisor as f32);
+                for (t, &v) in target.iter_mut().zip(row) {
+                    *t = (v - mean) / divisor;
+                }
+            }
+            Ok(())
+        })?;
+        Ok((out, means, divisors))
     }
 
     /// `[C, 1, 1, ...]` tensor of per-channel values, ready to broadcast against a `[C, ...]` tensor of `dims` axes.
@@ -80,6 +117,20 @@ impl Transform for NormalizeInstance {
             )));
         }
         let (samples, channels) = (shape[0], shape[1]);
+        let records = |means: &[f64], divisors: &[f64]| -> Vec<Value> {
+            let channels = channels as usize;
+            means
+                .chunks(channels)
+                .zip(divisors.chunks(channels))
+                .map(|(mean, std)| json!({"mean": mean, "std": std}))
+                .collect()
+        };
+        if let Some(values) = f32_data(image) {
+            let (normalized, means, divisors) =
+                Self::standardise_f32(values, (samples * channels) as usize, &shape)?;
+            batch.insert("image", normalized);
+            return Ok(records(&means, &divisors));
+        }
         let (means, divisors) = Self::statistics(&image.f_reshape([samples * channels, -1])?)?;
         let kind = image.f_kind()?;
         let out_kind = if is_float(kind) { kind } else { Kind::Float };
@@ -104,12 +155,7 @@ impl Transform for NormalizeInstance {
             .f_div(&as_tensor(&divisors)?)?
             .f_to_kind(out_kind)?;
         batch.insert("image", normalized);
-        let channels = channels as usize;
-        Ok(means
-            .chunks(channels)
-            .zip(divisors.chunks(channels))
-            .map(|(mean, std)| json!({"mean": mean, "std": std}))
-            .collect())
+        Ok(records(&means, &divisors))
     }
 
     fn undo(&self, sample: &mut Sample, record: &Value) -> Result<()> {
@@ -198,6 +244,43 @@ mod tests {
         assert_eq!(back.kind(), Kind::Float);
         let error = f64::try_from((back - &image).abs().max()).unwrap();
         assert!(error < 1e-5, "max undo error {error}");
+    }
+
+    // The fused float32 CPU path (contiguous image) and the libtorch path (the same image as a transposed,
+    // non-contiguous view) give the same statistics and values.
+    #[test]
+    fn fused_cpu_path_equals_libtorch_path() {
+        let contiguous = ((Tensor::arange(2 * 3 * 7 * 5, (Kind::Float, Device::Cpu)) * 0.37).sin()
+            * 40.0
+            + 900.0)
+            .reshape([2, 3, 7, 5]);
+        let transposed = contiguous.transpose(2, 3).contiguous().transpose(2, 3);
+        assert!(!transposed.is_contiguous() && transposed.equal(&contiguous));
+        let run = |image: &Tensor| {
+            let mut batch = Batch {
+                tensors: [("image".to_string(), image.shallow_clone())].into(),
+                metas: vec![Default::default(); 2],
+            };
+            let records = NormalizeInstance.apply_batch(&mut batch, &[0, 1]).unwrap();
+            (records, batch.get("image").unwrap().shallow_clone())
+        };
+        let (fused_records, fused) = run(&contiguous);
+        let (torch_records, torch) = run(&transposed);
+        for (a, b) in fused_records.iter().zip(&torch_records) {
+            for key in ["mean", "std"] {
+                for (x, y) in a[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(b[key].as_array().unwrap())
+                {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    assert!((x - y).abs() <= 1e-12 * y.abs(), "{key}: {x} vs {y}");
+                }
+            }
+        }
+        let difference = f64::try_from((fused - torch).abs().max()).unwrap();
+        assert!(difference < 1e-6, "{difference}");
     }
 
     #[test]
