@@ -373,6 +373,7 @@ impl BidsIndex {
             }
         }
         entries.sort_by(|a, b| a.image.cmp(&b.image));
+        check_contrasts_exist(roots, options, &entries)?;
         // as ivadomed, columns empty for every row are dropped
         columns.retain(|c| entries.iter().any(|e| e.column(c).is_some()));
         let mut index = BidsIndex {
@@ -687,6 +688,57 @@ fn entity_column(key: &str) -> &str {
 }
 
 /// One dataset root: its selected entries and its table columns in ivadomed's order.
+/// A requested contrast that no image of the datasets has is a typo or the wrong dataset: an error naming it and
+/// the contrasts that exist. A contrast whose images were all skipped (missing labels) is only warned about.
+fn check_contrasts_exist(
+    roots: &[PathBuf],
+    options: &BidsOptions,
+    entries: &[BidsEntry],
+) -> Result<()> {
+    let absent: Vec<String> = options
+        .indexed_contrasts()
+        .into_iter()
+        .filter(|c| !entries.iter().any(|e| &e.contrast == c))
+        .collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let every = BidsOptions {
+        contrasts: Vec::new(),
+        training_validation: Vec::new(),
+        testing: Vec::new(),
+        missing_label: MissingLabel::Keep,
+        write_index: None,
+        ..options.clone()
+    };
+    let mut found = BTreeSet::new();
+    for root in roots {
+        let (all, _) = index_root(root, &every)?;
+        found.extend(all.into_iter().map(|e| e.contrast));
+    }
+    let unknown: Vec<&String> = absent.iter().filter(|c| !found.contains(*c)).collect();
+    if !unknown.is_empty() {
+        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        bail!(
+            "unknown contrast {}: no image in {} has that suffix (contrasts there: {})",
+            unknown
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            roots.join(", "),
+            found.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    for contrast in absent {
+        tracing::warn!(
+            contrast,
+            "every image of this contrast was skipped (see the warnings above)"
+        );
+    }
+    Ok(())
+}
+
 fn index_root(root: &Path, options: &BidsOptions) -> Result<(Vec<BidsEntry>, Vec<String>)> {
     let meta = fs::metadata(root).with_context(|| {
         format!(
@@ -1537,8 +1589,26 @@ fn check_label_tree(
 mod tests {
     use super::*;
 
-    const FUNC: &str = "/work/shared/data/data_functional_testing";
-    const TESTING: &str = "/work/shared/data/data-testing";
+    #[test]
+    fn an_unknown_contrast_is_an_error_naming_it_and_the_contrasts_there() {
+        let root = PathBuf::from(FUNC);
+        let options = BidsOptions {
+            contrasts: vec!["T2w".to_owned(), "T9w".to_owned()],
+            ..BidsOptions::default()
+        };
+        let error = BidsIndex::build(&[root], &options).unwrap_err().to_string();
+        assert!(error.contains("unknown contrast `T9w`"), "{error}");
+        assert!(error.contains("T1w, T2star, T2w"), "{error}");
+    }
+
+    const FUNC: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/data_functional_testing"
+    );
+    const TESTING: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/data-testing"
+    );
 
     fn query<'a>(contrasts: Option<&'a [String]>) -> BidsQuery<'a> {
         BidsQuery {
@@ -1605,8 +1675,10 @@ mod tests {
         assert_eq!(index.contrasts(), vec!["T1w", "T2w"]);
         assert_eq!(index.with_labels().len(), 5);
         let none: Vec<String> = vec!["FLAIR".into()];
-        let index = BidsIndex::scan(Path::new(FUNC), &query(Some(&none))).unwrap();
-        assert!(index.entries.is_empty());
+        let error = BidsIndex::scan(Path::new(FUNC), &query(Some(&none)))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown contrast `FLAIR`"), "{error}");
         // other target suffixes, and the suffix without its leading underscore
         let lesion = BidsIndex::scan(
             Path::new(FUNC),

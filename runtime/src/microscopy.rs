@@ -564,7 +564,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    const TESTING: &str = "/work/shared/data/data-testing";
+    const TESTING: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/data-testing"
+    );
 
     fn temp_dir(tag: &str) -> PathBuf {
         static N: AtomicU64 = AtomicU64::new(0);

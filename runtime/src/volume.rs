@@ -966,8 +966,14 @@ mod tests {
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    const FUNC: &str = "/work/shared/data/data_functional_testing";
-    const TESTING: &str = "/work/shared/data/data-testing";
+    const FUNC: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/data_functional_testing"
+    );
+    const TESTING: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/data-testing"
+    );
 
     fn data_path(rel: &str) -> PathBuf {
         PathBuf::from(rel)
