@@ -28,6 +28,7 @@ pub mod sampling;
 pub mod scaffold;
 pub mod schedule;
 pub mod script;
+pub mod script_data;
 pub mod script_transform;
 pub mod split;
 pub mod stats;

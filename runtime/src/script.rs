@@ -35,7 +35,7 @@ pub struct ScriptContext {
 /// A set of BIDS entries (a dataset or one part of a split).
 #[derive(Clone)]
 pub struct Dataset {
-    entries: Rc<Vec<BidsEntry>>,
+    pub(crate) entries: Rc<Vec<BidsEntry>>,
 }
 
 /// A training run stepped by the script (`trainer(net, #{...})`).
@@ -44,14 +44,14 @@ pub struct TrainerHandle(Rc<RefCell<Trainer<'static>>>);
 
 /// A pipeline step: a plugin transform or a script transform, with its `applied_to`/`dataset_type`.
 #[derive(Clone)]
-pub struct TransformHandle(Step);
+pub struct TransformHandle(pub(crate) Step);
 
 #[derive(Clone)]
 pub struct ModelHandle(Rc<PluginModel>);
 
-type ScriptResult<T> = std::result::Result<T, Box<EvalAltResult>>;
+pub(crate) type ScriptResult<T> = std::result::Result<T, Box<EvalAltResult>>;
 
-fn script_error(error: anyhow::Error) -> Box<EvalAltResult> {
+pub(crate) fn script_error(error: anyhow::Error) -> Box<EvalAltResult> {
     Box::new(EvalAltResult::ErrorRuntime(
         format!("{error:#}").into(),
         Position::NONE,
@@ -92,7 +92,7 @@ fn text(value: &Dynamic) -> Option<String> {
 }
 
 /// Rejects option keys a primitive does not know, so a typo is an error at its line, not a silent default.
-fn check_keys(function: &str, options: &Map, known: &[&str]) -> ScriptResult<()> {
+pub(crate) fn check_keys(function: &str, options: &Map, known: &[&str]) -> ScriptResult<()> {
     for key in options.keys() {
         if !known.contains(&key.as_str()) {
             return Err(script_error(anyhow!(
@@ -104,7 +104,7 @@ fn check_keys(function: &str, options: &Map, known: &[&str]) -> ScriptResult<()>
     Ok(())
 }
 
-fn to_json(value: &Dynamic) -> ScriptResult<serde_json::Value> {
+pub(crate) fn to_json(value: &Dynamic) -> ScriptResult<serde_json::Value> {
     rhai::serde::from_dynamic(value)
         .map_err(|e| script_error(anyhow!("cannot convert to JSON: {e}")))
 }
@@ -159,7 +159,7 @@ fn entry_map(entry: &BidsEntry) -> Map {
     map
 }
 
-fn transforms_of(array: &Array) -> ScriptResult<Pipeline> {
+pub(crate) fn transforms_of(array: &Array) -> ScriptResult<Pipeline> {
     let steps = array
         .iter()
         .map(|item| {
@@ -284,6 +284,8 @@ fn prepare_training(
     model: ModelHandle,
     options: Map,
 ) -> ScriptResult<Trainer<'static>> {
+    // `samples(...)`/`loader(...)` handles in `train`/`valid` become the dataset plus the flat keys they carry.
+    let (options, handle_sampling) = crate::script_data::expand_handles(function, options)?;
     check_keys(function, &options, TRAIN_OPTIONS)?;
     let train_set = dataset_option(&options, "train")?;
     let valid_set = dataset_option(&options, "valid")?;
@@ -424,14 +426,19 @@ fn prepare_training(
         }
         None => (train_set, valid_set, None),
     };
-    let mut sampling_json = serde_json::Map::new();
-    for key in crate::data::SamplingOptions::KEYS {
-        if let Some(value) = options.get(*key) {
-            sampling_json.insert((*key).to_owned(), to_json(value)?);
+    let sampling = match handle_sampling {
+        Some(sampling) => sampling,
+        None => {
+            let mut sampling_json = serde_json::Map::new();
+            for key in crate::data::SamplingOptions::KEYS {
+                if let Some(value) = options.get(*key) {
+                    sampling_json.insert((*key).to_owned(), to_json(value)?);
+                }
+            }
+            crate::data::SamplingOptions::from_json(&Value::Object(sampling_json))
+                .map_err(|e| script_error(e.context(function.to_owned())))?
         }
-    }
-    let sampling = crate::data::SamplingOptions::from_json(&Value::Object(sampling_json))
-        .map_err(|e| script_error(e.context(function.to_owned())))?;
+    };
     // Training slices in memory, or lazily from a volume cache under a byte budget.
     enum TrainSlices {
         Memory(SliceSet),
@@ -555,7 +562,7 @@ fn prepare_training(
 
 /// `cache: #{budget_mb: N, disk: "<dir>"}`: train on lazily read slices, holding at most N MiB of prepared
 /// volumes in memory (default: no limit) and keeping prepared volumes in `disk` when given.
-fn cache_options(function: &str, value: &Value) -> ScriptResult<crate::cache::CacheOptions> {
+pub(crate) fn cache_options(function: &str, value: &Value) -> ScriptResult<crate::cache::CacheOptions> {
     let Some(map) = value.as_object() else {
         return Err(script_error(anyhow!(
             "{function}: `cache` must be a map like #{{budget_mb: 512, disk: \"cache\"}}"
@@ -715,6 +722,7 @@ fn segment_with_options(
 pub fn engine(context: Rc<ScriptContext>) -> Engine {
     let mut engine = Engine::new();
     engine.set_max_expr_depths(128, 64);
+    crate::script_data::register(&mut engine);
 
     engine.register_type_with_name::<Dataset>("Dataset");
     engine.register_get("len", |d: &mut Dataset| d.entries.len() as i64);

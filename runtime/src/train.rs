@@ -9,7 +9,7 @@
 //! bit for bit.
 use crate::cache::CachedSlices;
 use crate::data::SliceSet;
-use crate::loader::{cached_batches, slice_batches, LoaderOptions};
+use crate::loader::{cached_batches, slice_batches, Loader, LoaderOptions};
 use crate::losses::{with_script_sources, Loss};
 use crate::metrics::Overlap;
 use crate::model_folder::{self, sha256_file, write_atomic};
@@ -388,6 +388,60 @@ impl From<Arc<CachedSlices>> for TrainData<'_> {
 /// small memory budget, while batches still mix volumes.
 const CACHED_SHUFFLE_WINDOW: usize = 2;
 
+/// The sample indices of each training batch of `epoch` (counted from 1, as in metrics.csv): the seeded
+/// shuffle, balanced sampling up to `balanced_epochs`, or the lazy set's windowed order, cut into batches.
+/// Script loaders (`loader(...)` in script_data.rs) call it too, so they show the batches training takes.
+pub fn epoch_batch_indices(
+    train_set: &TrainData,
+    seed: u64,
+    epoch: usize,
+    batch_size: usize,
+    balanced_epochs: usize,
+) -> Vec<Vec<i64>> {
+    let order_seed = derive_seed(seed, epoch as u64);
+    let order = match train_set {
+        TrainData::Memory(set) if epoch <= balanced_epochs => set.balanced(order_seed),
+        TrainData::Memory(set) => set.shuffled(order_seed),
+        TrainData::Cached(set) => set.window_order(order_seed, CACHED_SHUFFLE_WINDOW),
+    };
+    order
+        .chunks(batch_size.max(1))
+        .map(<[i64]>::to_vec)
+        .collect()
+}
+
+/// The loader of `epoch`'s training batches `batch_indices` (images, labels), augmented on the worker threads.
+pub fn epoch_batches<'a>(
+    train_set: &'a TrainData,
+    augment: Option<&'a LivePipeline>,
+    batch_indices: Vec<Vec<i64>>,
+    seed: u64,
+    epoch: usize,
+    device: Device,
+    options: LoaderOptions,
+) -> Loader<'a, (Tensor, Tensor)> {
+    match train_set {
+        TrainData::Memory(set) => slice_batches(
+            set,
+            augment,
+            batch_indices,
+            seed,
+            epoch as u64,
+            device,
+            options,
+        ),
+        TrainData::Cached(set) => cached_batches(
+            Arc::clone(set),
+            augment.cloned(),
+            batch_indices,
+            seed,
+            epoch as u64,
+            device,
+            options,
+        ),
+    }
+}
+
 /// One 2D plane per sample for the QC grid: the first channel, and the middle Z slice of 3D samples.
 fn qc_planes(t: &Tensor) -> Tensor {
     let first = t.narrow(1, 0, 1);
@@ -633,12 +687,14 @@ impl<'a> Trainer<'a> {
         seed_epoch(config.seed, epoch);
         let batch_size = config.batch_size.max(1);
         let order_seed = derive_seed(config.seed, epoch as u64);
-        let order = match &self.train_set {
-            TrainData::Memory(set) if epoch <= config.balanced_epochs => set.balanced(order_seed),
-            TrainData::Memory(set) => set.shuffled(order_seed),
-            TrainData::Cached(set) => set.window_order(order_seed, CACHED_SHUFFLE_WINDOW),
-        };
-        let batches = order.len().div_ceil(batch_size);
+        let batch_indices = epoch_batch_indices(
+            &self.train_set,
+            config.seed,
+            epoch,
+            batch_size,
+            config.balanced_epochs,
+        );
+        let batches = batch_indices.len();
         let bar = self.progress.add(ProgressBar::new(batches as u64));
         bar.set_style(
             ProgressStyle::with_template(
@@ -655,27 +711,15 @@ impl<'a> Trainer<'a> {
             prefetch: config.prefetch,
             worker_threads: 1,
         };
-        let batch_indices: Vec<Vec<i64>> = order.chunks(batch_size).map(<[i64]>::to_vec).collect();
-        let mut batches_of_epoch = match &self.train_set {
-            TrainData::Memory(set) => slice_batches(
-                set,
-                self.augment.as_deref(),
-                batch_indices.clone(),
-                config.seed,
-                epoch as u64,
-                config.device,
-                loader_options,
-            ),
-            TrainData::Cached(set) => cached_batches(
-                Arc::clone(set),
-                self.augment.as_deref().cloned(),
-                batch_indices.clone(),
-                config.seed,
-                epoch as u64,
-                config.device,
-                loader_options,
-            ),
-        };
+        let mut batches_of_epoch = epoch_batches(
+            &self.train_set,
+            self.augment.as_deref(),
+            batch_indices.clone(),
+            config.seed,
+            epoch,
+            config.device,
+            loader_options,
+        );
         for (batch_index, indices) in batch_indices.iter().enumerate() {
             let waited = Instant::now();
             let (mut images, mut labels) = batches_of_epoch
