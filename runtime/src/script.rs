@@ -562,7 +562,10 @@ fn prepare_training(
 
 /// `cache: #{budget_mb: N, disk: "<dir>"}`: train on lazily read slices, holding at most N MiB of prepared
 /// volumes in memory (default: no limit) and keeping prepared volumes in `disk` when given.
-pub(crate) fn cache_options(function: &str, value: &Value) -> ScriptResult<crate::cache::CacheOptions> {
+pub(crate) fn cache_options(
+    function: &str,
+    value: &Value,
+) -> ScriptResult<crate::cache::CacheOptions> {
     let Some(map) = value.as_object() else {
         return Err(script_error(anyhow!(
             "{function}: `cache` must be a map like #{{budget_mb: 512, disk: \"cache\"}}"

@@ -144,7 +144,8 @@ fn count_windows(entries: &[BidsEntry], options: &SamplingOptions) -> Result<Vec
             soft_gt: options.soft_gt,
             require_roi: options.filters.slice_filter_roi.is_some(),
         };
-        let mut load = |path: &Path| -> Result<Tensor> { Ok(crate::volume::read_volume(path)?.data) };
+        let mut load =
+            |path: &Path| -> Result<Tensor> { Ok(crate::volume::read_volume(path)?.data) };
         let image = group[0].image.display().to_string();
         let subject = group[0].subject.clone();
         let sample = match assemble(&params, &group, &mut load)? {
@@ -272,11 +273,15 @@ fn make_loader(samples: Samples, options: Map) -> ScriptResult<LoaderHandle> {
     let integer = |key: &str, default: i64, minimum: i64| -> ScriptResult<i64> {
         match options.get(key) {
             None => Ok(default),
-            Some(value) => value.as_int().ok().filter(|&n| n >= minimum).ok_or_else(|| {
-                script_error(anyhow!(
-                    "loader: `{key}` must be an integer of at least {minimum}, got {value}"
-                ))
-            }),
+            Some(value) => value
+                .as_int()
+                .ok()
+                .filter(|&n| n >= minimum)
+                .ok_or_else(|| {
+                    script_error(anyhow!(
+                        "loader: `{key}` must be an integer of at least {minimum}, got {value}"
+                    ))
+                }),
         }
     };
     let pipeline = |key: &str| -> ScriptResult<Option<Pipeline>> {
@@ -405,7 +410,8 @@ impl LoaderHandle {
         let mut summaries = Array::new();
         for (index, batch) in batches.take(count).enumerate() {
             let (images, labels) = batch?;
-            summaries.push(batch_summary(index, &indices[index], &images, &labels, &placed)?.into());
+            summaries
+                .push(batch_summary(index, &indices[index], &images, &labels, &placed)?.into());
         }
         Ok(summaries)
     }
@@ -434,10 +440,11 @@ fn batch_summary(
     placed: &[(&str, &Window)],
 ) -> Result<Map> {
     let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_kind(Kind::Double).f_double_value(&[])?) };
-    let positive: Vec<bool> = Vec::<f32>::try_from(labels.flatten(1, -1).amax([1i64].as_slice(), false))?
-        .into_iter()
-        .map(|m| m > 0.0)
-        .collect();
+    let positive: Vec<bool> =
+        Vec::<f32>::try_from(labels.flatten(1, -1).amax([1i64].as_slice(), false))?
+            .into_iter()
+            .map(|m| m > 0.0)
+            .collect();
     let positive_count = positive.iter().filter(|&&p| p).count();
     let mut windows = Array::new();
     for &sample in samples {
@@ -475,7 +482,10 @@ fn batch_summary(
         "positive_fraction".into(),
         (positive_count as f64 / samples.len() as f64).into(),
     );
-    map.insert("label_mean".into(), scalar(labels.mean(Kind::Double))?.into());
+    map.insert(
+        "label_mean".into(),
+        scalar(labels.mean(Kind::Double))?.into(),
+    );
     map.insert("min".into(), scalar(images.min())?.into());
     map.insert("max".into(), scalar(images.max())?.into());
     map.insert("mean".into(), scalar(images.mean(Kind::Double))?.into());
@@ -676,9 +686,8 @@ pub(crate) fn register(engine: &mut Engine) {
     engine.register_fn("volumes", |dataset: Dataset| -> ScriptResult<Samples> {
         make_samples("volumes", VOLUME_KEYS, None, dataset, Map::new())
     });
-    let samples_len = |s: &mut Samples| -> ScriptResult<i64> {
-        s.len().map(|n| n as i64).map_err(script_error)
-    };
+    let samples_len =
+        |s: &mut Samples| -> ScriptResult<i64> { s.len().map(|n| n as i64).map_err(script_error) };
     engine.register_get("len", samples_len);
     engine.register_fn("len", samples_len);
     engine.register_get("dataset", |s: &mut Samples| s.0.dataset.clone());
@@ -725,9 +734,7 @@ pub(crate) fn register(engine: &mut Engine) {
     engine.register_get("len", loader_len);
     engine.register_fn("len", loader_len);
     engine.register_get("samples", |l: &mut LoaderHandle| l.0.samples.clone());
-    engine.register_get("batch_size", |l: &mut LoaderHandle| {
-        l.0.batch_size as i64
-    });
+    engine.register_get("batch_size", |l: &mut LoaderHandle| l.0.batch_size as i64);
     // `batch(epoch, i)` builds batches 0..=i of the epoch (a batch's draws do not depend on the others).
     engine.register_fn(
         "batch",
