@@ -247,6 +247,62 @@ fn batch_summaries_depend_on_the_seed_only_not_on_the_workers() {
     assert_ne!(first, epoch(&other_seed, "epoch1"));
 }
 
+#[test]
+fn a_cached_loader_summarises_the_lazy_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = |workers: usize| {
+        format!(
+            r#"
+let ds = bids(ARGS[0], #{{ target_suffix: "_seg-manual", contrasts: ["T2w"] }});
+let l = loader(slices(subset(ds, ["sub-unf01", "sub-unf02"])), #{{ batch_size: 8, num_workers: {workers},
+    cache: #{{ budget_mb: 1 }}, preprocess: [transform("CenterCrop", #{{ size: [64, 64] }})] }});
+print(`RESULT batches=${{l.len}}`);
+for b in l.epoch(1) {{ print(`RESULT batch=${{b.samples}} ${{b.files}} ${{b.shape}}`); }}
+"#
+        )
+    };
+    let run = |workers: usize| {
+        let (ok, stdout, stderr) = run_script(dir.path(), "cached.rhai", &script(workers));
+        assert!(ok, "{stdout}\n{stderr}");
+        results(&stdout)
+    };
+    let two = run(2);
+    assert_eq!(two, run(0));
+    // 32 axial slices (16 per volume) in batches of 8.
+    assert_eq!(two[0].1, "4");
+    let mut seen = Vec::new();
+    for (_, batch) in &two[1..] {
+        let (samples, rest) = batch.split_once("] ").unwrap();
+        let samples: Vec<usize> = samples
+            .trim_start_matches('[')
+            .split(", ")
+            .map(|n| n.parse().unwrap())
+            .collect();
+        // Slices 0..16 are sub-unf01's, 16..32 sub-unf02's (the dataset's order).
+        let files: Vec<&str> = rest.split('"').filter(|t| t.starts_with("sub-")).collect();
+        assert_eq!(files.len(), samples.len());
+        for (sample, file) in samples.iter().zip(&files) {
+            let subject = if *sample < 16 {
+                "sub-unf01"
+            } else {
+                "sub-unf02"
+            };
+            assert!(file.starts_with(subject), "{sample} {file}");
+        }
+        assert!(
+            rest.ends_with(&format!("[{}, 1, 64, 64]", samples.len())),
+            "{rest}"
+        );
+        seen.extend(samples);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..32).collect::<Vec<_>>(),
+        "every slice once per epoch"
+    );
+}
+
 /// Trains a small U-Net for two epochs on one subject's 64 x 64 patches, once with handles and once with flat
 /// keys.
 const TRAIN_SCRIPT: &str = r#"
@@ -385,6 +441,17 @@ fn bad_keys_and_values_are_errors_naming_the_key_and_the_line() {
             assert!(stderr.contains(message), "{statement}: {stderr}");
         }
     }
+    // A valid loader may repeat the train loader's settings, not add its own.
+    let stderr = failing(&format!(
+        "{PREAMBLE}let s = slices(ds);\ntrainer(net, #{{ train: loader(s, #{{ batch_size: 4 }}),\n  valid: loader(s, #{{ batch_size: 4, num_workers: 0 }}) }});\n"
+    ));
+    assert!(stderr.contains("bad.rhai:4:"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the `valid` loader sets `num_workers`, which only the `train` loader may set"
+        ),
+        "{stderr}"
+    );
     // A valid handle cut differently from the train one.
     let stderr = failing(&format!(
         "{PREAMBLE}let a = slices(ds);\nlet b = slices(ds, #{{ slice_axis: \"coronal\" }});\ntrainer(net, #{{ train: a, valid: b }});\n"
