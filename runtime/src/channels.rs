@@ -660,7 +660,13 @@ impl ModalityDrops {
     /// One sample's availability for `epoch`: `real` (1 present, 0 missing) with each present contrast
     /// dropped with [`ModalityDrops::probability_at`]. When every present contrast was drawn, one of them,
     /// chosen at random, is kept: the network needs at least one.
-    pub fn sample_availability(&self, real: &[f32], seed: u64, epoch: usize, sample: u64) -> Vec<f32> {
+    pub fn sample_availability(
+        &self,
+        real: &[f32],
+        seed: u64,
+        epoch: usize,
+        sample: u64,
+    ) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let p = self.probability_at(epoch);
         let stream = derive_seed(derive_seed(seed ^ DROP_STREAM, epoch as u64), sample);
@@ -701,7 +707,11 @@ impl ModalityDrops {
             "availability {size:?} for a batch of {}",
             indices.len()
         );
-        let flat = Vec::<f32>::try_from(real.f_to_device(tch::Device::Cpu)?.f_contiguous()?)?;
+        let flat = Vec::<f32>::try_from(
+            real.f_to_device(tch::Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_flatten(0, -1)?,
+        )?;
         let width = size[1] as usize;
         let masks: Vec<f32> = indices
             .iter()
@@ -726,7 +736,11 @@ impl ModalityDrops {
 pub fn zero_missing_channels(images: &Tensor, available: &Tensor) -> Result<Tensor> {
     let mut shape = available.size();
     shape.resize(images.dim(), 1);
-    Ok(images.f_mul(&available.f_to_kind(images.kind())?.f_reshape(shape.as_slice())?)?)
+    Ok(images.f_mul(
+        &available
+            .f_to_kind(images.kind())?
+            .f_reshape(shape.as_slice())?,
+    )?)
 }
 
 #[cfg(test)]

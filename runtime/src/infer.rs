@@ -530,12 +530,18 @@ fn hemis_channels(loaded: &LoadedModel, volume: &LoadedVolume) -> Result<Option<
         volume.input.stem(),
         if missing.is_empty() { "none" } else { &missing }
     );
-    let mask: Vec<f32> = slots.iter().map(|s| f32::from(u8::from(s.is_some()))).collect();
+    let mask: Vec<f32> = slots
+        .iter()
+        .map(|s| f32::from(u8::from(s.is_some())))
+        .collect();
     let channels: Vec<Tensor> = slots
         .into_iter()
         .map(|slot| slot.unwrap_or_else(|| zeros.shallow_clone()))
         .collect();
-    Ok(Some((Tensor::f_stack(&channels, 0)?, Tensor::from_slice(&mask))))
+    Ok(Some((
+        Tensor::f_stack(&channels, 0)?,
+        Tensor::from_slice(&mask),
+    )))
 }
 
 /// Reads `key=value` pairs (values parsed as JSON when they are, else kept as strings).
@@ -1326,7 +1332,10 @@ fn bids_inputs(root: &Path, loaded: &LoadedModel) -> Result<Vec<VolumeInput>> {
         if hemis.is_some() {
             // Any subset of a HeMIS model's contrasts will do.
             inputs.push(VolumeInput {
-                channels: contrasts.iter().filter_map(|c| images.get(c).cloned()).collect(),
+                channels: contrasts
+                    .iter()
+                    .filter_map(|c| images.get(c).cloned())
+                    .collect(),
             });
             continue;
         }

@@ -704,7 +704,10 @@ impl<'a> Trainer<'a> {
                         (Some(real), Some(drops)) => {
                             let available =
                                 drops.batch_availability(&real, indices, config.seed, epoch)?;
-                            dropped_channels += real.f_sub(&available)?.f_sum(Kind::Float)?.double_value(&[]);
+                            dropped_channels += real
+                                .f_sub(&available)?
+                                .f_sum(Kind::Float)?
+                                .double_value(&[]);
                             images = zero_missing_channels(&images, &available)?;
                             Some(available)
                         }
