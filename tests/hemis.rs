@@ -133,10 +133,7 @@ fn samples_carry_the_real_flags_and_drops_follow_the_seed() {
             mask.iter().zip(real).all(|(m, r)| m <= r),
             "{mask:?} vs {real:?}"
         );
-        assert!(
-            mask.iter().any(|&m| m == 1.0),
-            "every contrast dropped: {mask:?}"
-        );
+        assert!(mask.contains(&1.0), "every contrast dropped: {mask:?}");
         dropped += real.iter().zip(mask).filter(|(r, m)| r > m).count();
     }
     assert!(dropped > 0, "p = 0.5 dropped nothing in 48 samples");
@@ -209,7 +206,7 @@ let valid_set = subset(dataset, ["sub-unf02"]);
 let result = train(model("hemis_unet", #{ contrasts: ["T1w", "T2w", "T2star"], depth: 2, n_filters: 4 }), #{
     train: train_set,
     valid: valid_set,
-    preprocess: [transform("CenterCrop", #{ size: [96, 96] }), transform("NormalizeInstance", #{})],
+    preprocess: [transform("CenterCrop", #{ size: [64, 64] }), transform("NormalizeInstance", #{})],
     epochs: 2,
     batch_size: 8,
     learning_rate: 0.003,
