@@ -234,6 +234,32 @@ print(`model ${result.model_dir}`);
         stderr.contains("sub-unf03: no T2star image, zero channel"),
         "{stderr}"
     );
+    // The masks fed to the model, recounted from the drop rule: the 32 training samples are sub-unf01's 16
+    // slices (all three contrasts) then sub-unf03's (no T2star), and each sample draws from (seed 3, epoch,
+    // its index). The run logs how many present contrasts its batches dropped.
+    let drops = ModalityDrops::new(0.3, 0.9).unwrap();
+    for epoch in 1..=2usize {
+        let expected: f32 = (0..32u64)
+            .map(|sample| {
+                let real = [1.0, 1.0, if sample < 16 { 1.0 } else { 0.0 }];
+                let mask = drops.sample_availability(&real, 3, epoch, sample);
+                real.iter().sum::<f32>() - mask.iter().sum::<f32>()
+            })
+            .sum();
+        let prefix = format!(
+            "epoch {epoch}: missing_probability {:.4}, ",
+            drops.probability_at(epoch)
+        );
+        let logged = stderr
+            .lines()
+            .find_map(|l| l.split_once(&prefix).map(|(_, rest)| rest.to_owned()))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in {stderr}"));
+        assert_eq!(
+            logged,
+            format!("{expected} contrast channel(s) dropped"),
+            "epoch {epoch}"
+        );
+    }
     // The drop probability of each epoch: 0.3, then 0.3 ** 0.9 = 0.3384.
     assert!(
         stderr.contains("epoch 1: missing_probability 0.3000"),
