@@ -298,6 +298,7 @@ pub fn time_epoch(
         volumes: whole.volumes.clone(),
         spacing: whole.spacing[..slices].to_vec(),
         metadata: None,
+        available: None,
     };
     let valid_set = SliceSet::build(&entries[train_subjects..], &preprocess, BENCH_SEED)?;
     let augment = LivePipeline::new(pipeline_from_specs(registry, &augment_specs())?);

@@ -573,6 +573,7 @@ impl CachedSlices {
             volumes,
             spacing,
             metadata: None,
+            available: None,
         })
     }
 

@@ -21,6 +21,7 @@
 //! into kernel-density clusters before one-hot encoding them. The fitted [`FilmEncoder`] serialises to JSON
 //! so a model folder can carry it.
 use crate::bids::BidsEntry;
+use crate::pipeline::derive_seed;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -591,6 +592,155 @@ pub fn mri_params_of(sample: &SubjectSample) -> Result<MriParams> {
         .next()
         .context("the sample has no entry")?;
     MriParams::from_entry(entry)
+}
+
+/// The contrasts of a HeMIS model (`hemis_unet`, by name or as `plugin:hemis_unet`), in its channel order;
+/// `None` for any other architecture. Its second input is the availability mask `[N, contrasts]`.
+pub fn hemis_contrasts(architecture: &str, config: &serde_json::Value) -> Option<Vec<String>> {
+    let name = architecture.rsplit(':').next().unwrap_or(architecture);
+    if name != "hemis_unet" {
+        return None;
+    }
+    Some(
+        config["contrasts"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// ivadomed's HeMIS curriculum (`missing_probability`, `missing_probability_growth`): during training each
+/// contrast a sample has is dropped (its channel zeroed, 0 in the mask) with a probability that grows every
+/// epoch, `p ** growth` after each one, so epoch `e` (from 1) drops with `p ** (growth ** (e - 1))`.
+///
+/// Every draw is a function of (run seed, epoch, sample index) alone, so a batch's mask does not depend on
+/// the loader's workers or on what ran before it, and a resumed run draws the same masks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModalityDrops {
+    /// Drop probability of the first epoch, in [0, 1).
+    pub probability: f64,
+    /// Exponent applied to the probability after each epoch; below 1 it grows.
+    pub growth: f64,
+}
+
+/// Separates the drop draws from the other streams derived from the run seed (order, augmentation).
+const DROP_STREAM: u64 = 0x4845_4D49_5300_0000;
+
+impl ModalityDrops {
+    /// Checks the ranges: ivadomed's `missing_probability` is a probability, and 1 would drop everything.
+    pub fn new(probability: f64, growth: f64) -> Result<Self> {
+        ensure!(
+            (0.0..1.0).contains(&probability),
+            "`missing_probability` must be in [0, 1), got {probability}"
+        );
+        ensure!(
+            growth.is_finite() && growth > 0.0,
+            "`missing_probability_growth` must be a positive number, got {growth}"
+        );
+        Ok(Self {
+            probability,
+            growth,
+        })
+    }
+
+    /// The drop probability of `epoch` (counted from 1).
+    pub fn probability_at(&self, epoch: usize) -> f64 {
+        if self.probability == 0.0 {
+            return 0.0;
+        }
+        let exponent = self.growth.powi(epoch.saturating_sub(1) as i32);
+        self.probability.powf(exponent)
+    }
+
+    /// One sample's availability for `epoch`: `real` (1 present, 0 missing) with each present contrast
+    /// dropped with [`ModalityDrops::probability_at`]. When every present contrast was drawn, one of them,
+    /// chosen at random, is kept: the network needs at least one.
+    pub fn sample_availability(
+        &self,
+        real: &[f32],
+        seed: u64,
+        epoch: usize,
+        sample: u64,
+    ) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let p = self.probability_at(epoch);
+        let stream = derive_seed(derive_seed(seed ^ DROP_STREAM, epoch as u64), sample);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
+        let mut available: Vec<f32> = real
+            .iter()
+            .map(|&flag| {
+                // One draw per contrast, present or not, so a contrast's draw does not shift with the others.
+                let dropped = rng.random::<f64>() < p;
+                if flag != 0.0 && !dropped {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if available.iter().all(|&a| a == 0.0) {
+            let present: Vec<usize> = (0..real.len()).filter(|&c| real[c] != 0.0).collect();
+            if !present.is_empty() {
+                available[present[rng.random_range(0..present.len())]] = 1.0;
+            }
+        }
+        available
+    }
+
+    /// The masks of a batch: `real` is the batch's `[B, C]` availability, `indices` the samples' indices in
+    /// the training set (what seeds their draws).
+    pub fn batch_availability(
+        &self,
+        real: &Tensor,
+        indices: &[i64],
+        seed: u64,
+        epoch: usize,
+    ) -> Result<Tensor> {
+        let size = real.size();
+        ensure!(
+            size.len() == 2 && size[0] == indices.len() as i64,
+            "availability {size:?} for a batch of {}",
+            indices.len()
+        );
+        let flat = Vec::<f32>::try_from(
+            real.f_to_device(tch::Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_flatten(0, -1)?,
+        )?;
+        let width = size[1] as usize;
+        let masks: Vec<f32> = indices
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &index)| {
+                self.sample_availability(
+                    &flat[row * width..(row + 1) * width],
+                    seed,
+                    epoch,
+                    index as u64,
+                )
+            })
+            .collect();
+        Ok(Tensor::from_slice(&masks)
+            .f_reshape(size.as_slice())?
+            .f_to_device(real.device())?)
+    }
+}
+
+/// `images` `[B, C, ...]` with the channels that `available` `[B, C]` marks missing set to zero, as
+/// ivadomed feeds a dropped contrast.
+pub fn zero_missing_channels(images: &Tensor, available: &Tensor) -> Result<Tensor> {
+    let mut shape = available.size();
+    shape.resize(images.dim(), 1);
+    Ok(images.f_mul(
+        &available
+            .f_to_kind(images.kind())?
+            .f_reshape(shape.as_slice())?,
+    )?)
 }
 
 #[cfg(test)]

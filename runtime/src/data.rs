@@ -116,6 +116,9 @@ pub struct SamplingOptions {
     pub contrasts: Vec<String>,
     /// Keep targets soft instead of binarising them at 0.5.
     pub soft_gt: bool,
+    /// A subject lacking a contrast: skipped (ivadomed), or kept with a zero channel for HeMIS models, whose
+    /// [`SliceSet::available`] then says which channels are real.
+    pub missing_contrast: MissingContrast,
 }
 
 impl Default for SamplingOptions {
@@ -129,6 +132,7 @@ impl Default for SamplingOptions {
             multichannel: false,
             contrasts: Vec::new(),
             soft_gt: false,
+            missing_contrast: MissingContrast::Skip,
         }
     }
 }
@@ -323,6 +327,7 @@ impl SamplingOptions {
             multichannel: boolean("multichannel")?,
             contrasts,
             soft_gt: boolean("soft_gt")?,
+            missing_contrast: MissingContrast::Skip,
         })
     }
 
@@ -357,6 +362,9 @@ pub struct SliceSet {
     /// `[N, M]` FiLM metadata per slice (its volume's encoded vector), the model's second input; `None` for
     /// a model without FiLM.
     pub metadata: Option<Tensor>,
+    /// `[N, C]` HeMIS availability per sample (1: the contrast was read, 0: a zero channel), the model's
+    /// second input; `None` unless the sampling keeps subjects with a missing contrast.
+    pub available: Option<Tensor>,
 }
 
 impl SliceSet {
@@ -406,6 +414,7 @@ impl SliceSet {
             volumes,
             spacing,
             metadata: None,
+            available: None,
         })
     }
 
@@ -432,6 +441,15 @@ impl SliceSet {
     pub fn metadata_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
         self.metadata.as_ref().map(|metadata| {
             metadata
+                .index_select(0, &Tensor::from_slice(indices))
+                .to_device(device)
+        })
+    }
+
+    /// The HeMIS availability of the samples `indices` (`[B, C]`) on `device`, when the set has it.
+    pub fn available_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
+        self.available.as_ref().map(|available| {
+            available
                 .index_select(0, &Tensor::from_slice(indices))
                 .to_device(device)
         })
@@ -503,6 +521,7 @@ impl SliceSet {
         let mut volume_of_slice = Vec::new();
         let mut volumes = Vec::new();
         let mut spacing = Vec::new();
+        let mut available: Vec<Tensor> = Vec::new();
         for group in groups {
             let params = ChannelParams {
                 contrasts: if options.multichannel {
@@ -511,7 +530,7 @@ impl SliceSet {
                     vec![group[0].contrast.clone()]
                 },
                 target_suffixes: (0..classes).map(|k| format!("target {k}")).collect(),
-                missing_contrast: MissingContrast::Skip,
+                missing_contrast: options.missing_contrast,
                 soft_gt: options.soft_gt,
                 require_roi: options.filters.slice_filter_roi.is_some(),
             };
@@ -570,6 +589,7 @@ impl SliceSet {
                 });
                 spacing.push(item.spacing()?);
                 volume_of_slice.push(volume);
+                available.push(sample.missing_modalities.f_neg()?.f_add_scalar(1.0)?);
             }
             volumes.push(group[0].image.display().to_string());
         }
@@ -590,6 +610,8 @@ impl SliceSet {
             volumes,
             spacing,
             metadata: None,
+            available: (options.missing_contrast == MissingContrast::ZeroChannel)
+                .then(|| Tensor::stack(&available, 0)),
         })
     }
 
@@ -603,6 +625,7 @@ impl SliceSet {
             volumes: self.volumes.clone(),
             spacing: self.spacing.clone(),
             metadata: self.metadata.as_ref().map(Tensor::shallow_clone),
+            available: self.available.as_ref().map(Tensor::shallow_clone),
         }
     }
 

@@ -463,10 +463,85 @@ pub fn is_film(loaded: &LoadedModel) -> bool {
 
 /// Number of input channels the model expects (`in_channels`, or 1, ivadomed's default).
 pub fn input_channels(loaded: &LoadedModel) -> i64 {
+    if let Some(contrasts) = hemis_contrasts(loaded) {
+        return contrasts.len() as i64;
+    }
     ["in_channels", "in_channel"]
         .iter()
         .find_map(|key| loaded.model.config[key].as_i64())
         .unwrap_or(1)
+}
+
+/// The contrasts of a HeMIS model, in its channel order; `None` for other models.
+pub fn hemis_contrasts(loaded: &LoadedModel) -> Option<Vec<String>> {
+    crate::channels::hemis_contrasts(&loaded.model.architecture, &loaded.model.config)
+}
+
+/// An image's contrast: the BIDS suffix of its file name (`sub-01_T2w.nii.gz` is T2w).
+fn contrast_of(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".nii.gz")
+        .or_else(|| name.strip_suffix(".nii"))
+        .unwrap_or(&name);
+    stem.rsplit('_').next().unwrap_or(stem).to_owned()
+}
+
+/// A HeMIS model takes any subset of its contrasts: each image goes to the channel of its contrast (its
+/// file name's BIDS suffix), the others get a zero channel and a 0 in the availability mask. Returns the
+/// `[C, X, Y, Z]` input and the `[C]` mask, or `None` for other models.
+fn hemis_channels(loaded: &LoadedModel, volume: &LoadedVolume) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(contrasts) = hemis_contrasts(loaded) else {
+        return Ok(None);
+    };
+    let mut slots: Vec<Option<Tensor>> = contrasts.iter().map(|_| None).collect();
+    for (index, path) in volume.input.channels.iter().enumerate() {
+        let contrast = contrast_of(path);
+        let Some(slot) = contrasts.iter().position(|c| *c == contrast) else {
+            bail!(
+                "{}: contrast {contrast:?} is not one of the model's contrasts {contrasts:?} (the contrast \
+                 is the file name's last `_` part, e.g. sub-01_T2w.nii.gz)",
+                path.display()
+            );
+        };
+        ensure!(
+            slots[slot].is_none(),
+            "two images of contrast {contrast} in one volume: {:?}",
+            volume.input.channels
+        );
+        slots[slot] = Some(volume.image.f_get(index as i64)?);
+    }
+    let zeros = volume.image.f_get(0)?.f_zeros_like()?;
+    let names = |present: bool| {
+        contrasts
+            .iter()
+            .zip(&slots)
+            .filter(|(_, slot)| slot.is_some() == present)
+            .map(|(c, _)| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (used, missing) = (names(true), names(false));
+    tracing::info!(
+        "{}: HeMIS contrasts used: {used}; missing (zero channel): {}",
+        volume.input.stem(),
+        if missing.is_empty() { "none" } else { &missing }
+    );
+    let mask: Vec<f32> = slots
+        .iter()
+        .map(|s| f32::from(u8::from(s.is_some())))
+        .collect();
+    let channels: Vec<Tensor> = slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or_else(|| zeros.shallow_clone()))
+        .collect();
+    Ok(Some((
+        Tensor::f_stack(&channels, 0)?,
+        Tensor::from_slice(&mask),
+    )))
 }
 
 /// Reads `key=value` pairs (values parsed as JSON when they are, else kept as strings).
@@ -801,7 +876,10 @@ pub fn segment_loaded(
     volume: &LoadedVolume,
     options: &SegmentOptions,
 ) -> Result<Segmentation> {
-    let channels = volume.image.size()[0];
+    // A HeMIS model's channels follow its contrasts, and its mask takes the metadata's place.
+    let hemis = hemis_channels(loaded, volume)?;
+    let input = hemis.as_ref().map_or(&volume.image, |(image, _)| image);
+    let channels = input.size()[0];
     let expected = input_channels(loaded);
     ensure!(
         channels == expected,
@@ -816,7 +894,10 @@ pub fn segment_loaded(
     let shape = volume.source.data.size();
     let grid = sampling.grid([shape[0], shape[1], shape[2]])?;
     let axis = sampling.slice_axis();
-    let metadata = metadata_vector(loaded, volume, options)?;
+    let metadata = match hemis.as_ref() {
+        Some((_, mask)) => Some(mask.shallow_clone()),
+        None => metadata_vector(loaded, volume, options)?,
+    };
     let pipeline = if options.tta > 0 {
         tta_pipeline(&loaded.pipeline)
     } else {
@@ -829,9 +910,9 @@ pub fn segment_loaded(
     };
     let keep_on_device = options.device.is_cuda() && !options.stitch_on_cpu;
     let image = if keep_on_device {
-        volume.image.to_device(options.device)
+        input.to_device(options.device)
     } else {
-        volume.image.shallow_clone()
+        input.shallow_clone()
     };
     let progress = volume_progress(
         options.progress,
@@ -1202,15 +1283,18 @@ fn expand_one(
 
 fn bids_inputs(root: &Path, loaded: &LoadedModel) -> Result<Vec<VolumeInput>> {
     let channels = input_channels(loaded);
-    let contrasts: Vec<String> = loaded.description["data"]["contrasts"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|c| c.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let hemis = hemis_contrasts(loaded);
+    let contrasts: Vec<String> = hemis.clone().unwrap_or_else(|| {
+        loaded.description["data"]["contrasts"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
     let index = BidsIndex::scan(
         root,
         &BidsQuery {
@@ -1245,6 +1329,16 @@ fn bids_inputs(root: &Path, loaded: &LoadedModel) -> Result<Vec<VolumeInput>> {
     }
     let mut inputs = Vec::new();
     for ((subject, session), images) in groups {
+        if hemis.is_some() {
+            // Any subset of a HeMIS model's contrasts will do.
+            inputs.push(VolumeInput {
+                channels: contrasts
+                    .iter()
+                    .filter_map(|c| images.get(c).cloned())
+                    .collect(),
+            });
+            continue;
+        }
         let ordered: Option<Vec<PathBuf>> =
             contrasts.iter().map(|c| images.get(c).cloned()).collect();
         match ordered {

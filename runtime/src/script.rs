@@ -274,6 +274,9 @@ const TRAIN_OPTIONS: &[&str] = &[
     "contrasts",
     "soft_gt",
     "metadata",
+    // HeMIS (hemis_unet): ivadomed's HeMISUnet model params
+    "missing_probability",
+    "missing_probability_growth",
 ];
 
 /// Reads `train`/`trainer` options (`function` names the primitive in errors), builds the slice sets and
@@ -403,6 +406,7 @@ fn prepare_training(
             None => crate::loader::LoaderOptions::new(num_workers).prefetch,
         },
         metadata_encoder: None,
+        modality_drops: None,
     };
     // The object-detection cascade trains on crops around the detected structure (see cascade.rs).
     let (train_set, valid_set, detection_stage) = match options.get("object_detection") {
@@ -426,7 +430,7 @@ fn prepare_training(
         }
         None => (train_set, valid_set, None),
     };
-    let sampling = match handle_sampling {
+    let mut sampling = match handle_sampling {
         Some(sampling) => sampling,
         None => {
             let mut sampling_json = serde_json::Map::new();
@@ -439,6 +443,14 @@ fn prepare_training(
                 .map_err(|e| script_error(e.context(function.to_owned())))?
         }
     };
+    config.modality_drops = hemis_sampling(
+        function,
+        &model.0.architecture,
+        &model.0.config,
+        &options,
+        metadata.is_some(),
+        &mut sampling,
+    )?;
     // Training slices in memory, or lazily from a volume cache under a byte budget.
     enum TrainSlices {
         Memory(SliceSet),
@@ -558,6 +570,59 @@ fn prepare_training(
         augment.map(|live| Held::Shared(Rc::new(live))),
     )
     .map_err(script_error)
+}
+
+/// A HeMIS model (`hemis_unet`) trains on one multi-channel sample per subject in the model's contrast
+/// order, keeping subjects that lack a contrast (zero channel, 0 in the mask), with the random drops of
+/// `missing_probability` / `missing_probability_growth` (ivadomed's defaults when absent: no drop, growth 1).
+/// Those options are refused for other models.
+fn hemis_sampling(
+    function: &str,
+    architecture: &str,
+    config: &Value,
+    options: &Map,
+    film: bool,
+    sampling: &mut crate::data::SamplingOptions,
+) -> ScriptResult<Option<crate::channels::ModalityDrops>> {
+    let number_of = |key: &str, default: f64| -> ScriptResult<f64> {
+        options.get(key).map_or(Ok(default), |v| {
+            number(v).ok_or_else(|| {
+                script_error(anyhow!("{function}: `{key}` must be a number, got {v}"))
+            })
+        })
+    };
+    let Some(contrasts) = crate::channels::hemis_contrasts(architecture, config) else {
+        if let Some(key) = ["missing_probability", "missing_probability_growth"]
+            .into_iter()
+            .find(|k| options.contains_key(*k))
+        {
+            return Err(script_error(anyhow!(
+                "{function}: `{key}` applies to hemis_unet models only, not {architecture}"
+            )));
+        }
+        return Ok(None);
+    };
+    if film {
+        return Err(script_error(anyhow!(
+            "{function}: hemis_unet takes the availability mask as its second input, not FiLM `metadata`"
+        )));
+    }
+    if !sampling.contrasts.is_empty() && sampling.contrasts != contrasts {
+        return Err(script_error(anyhow!(
+            "{function}: `contrasts` {:?} differs from the model's contrasts {contrasts:?}, which set the \
+             channel order of hemis_unet",
+            sampling.contrasts
+        )));
+    }
+    sampling.multichannel = true;
+    sampling.contrasts = contrasts;
+    sampling.missing_contrast = crate::channels::MissingContrast::ZeroChannel;
+    let drops = crate::channels::ModalityDrops::new(
+        number_of("missing_probability", 0.0)?,
+        number_of("missing_probability_growth", 1.0)?,
+    )
+    .map_err(|e| script_error(e.context(function.to_owned())))?;
+    Ok(Some(drops))
 }
 
 /// `cache: #{budget_mb: N, disk: "<dir>"}`: train on lazily read slices, holding at most N MiB of prepared

@@ -8,6 +8,7 @@
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
 use crate::cache::CachedSlices;
+use crate::channels::{zero_missing_channels, ModalityDrops};
 use crate::data::SliceSet;
 use crate::loader::{cached_batches, slice_batches, Loader, LoaderOptions};
 use crate::losses::{with_script_sources, Loss};
@@ -77,6 +78,9 @@ pub struct TrainConfig {
     /// The fitted FiLM metadata encoder (`FilmEncoder::to_json`), written to every saved model folder's
     /// `metadata_encoder` section so that inference encodes images as training did.
     pub metadata_encoder: Option<Value>,
+    /// HeMIS: contrasts dropped at random from the training batches (ivadomed's `missing_probability` and
+    /// `missing_probability_growth`), on top of the contrasts really missing.
+    pub modality_drops: Option<ModalityDrops>,
 }
 
 impl TrainConfig {
@@ -106,6 +110,7 @@ impl TrainConfig {
             num_workers: LoaderOptions::default().num_workers,
             prefetch: LoaderOptions::default().prefetch,
             metadata_encoder: None,
+            modality_drops: None,
         }
     }
 }
@@ -162,7 +167,7 @@ pub fn evaluate(
     tch::no_grad(|| -> Result<()> {
         for chunk in indices.chunks(batch_size.max(1)) {
             let (images, labels) = set.batch(chunk, device);
-            let metadata = set.metadata_batch(chunk, device);
+            let metadata = second_input(set, chunk, device);
             let predictions = autocast(precision, device, || {
                 model.forward(&model_inputs(&images, &metadata), Mode::Eval)
             })?
@@ -183,7 +188,14 @@ pub fn evaluate(
     Ok((loss_sum / batches.max(1) as f64, mean_dice))
 }
 
-/// The model's inputs: the images, then the FiLM metadata when the set has it.
+/// The model's second input for the samples `indices` of `set`, when it has one: the FiLM metadata, or the
+/// HeMIS availability (the real one: random drops are for training batches only).
+fn second_input(set: &SliceSet, indices: &[i64], device: Device) -> Option<Tensor> {
+    set.metadata_batch(indices, device)
+        .or_else(|| set.available_batch(indices, device))
+}
+
+/// The model's inputs: the images, then the FiLM metadata or HeMIS availability when the set has it.
 fn model_inputs<'t>(images: &'t Tensor, metadata: &'t Option<Tensor>) -> Vec<&'t Tensor> {
     std::iter::once(images).chain(metadata.as_ref()).collect()
 }
@@ -706,6 +718,8 @@ impl<'a> Trainer<'a> {
         bar.set_prefix(format!("{epoch}/{}", config.epochs));
         let mut loss_sum = 0.0;
         let mut wait_seconds = 0.0;
+        // HeMIS: contrasts dropped at random this epoch (reported at its end).
+        let mut dropped_channels = 0.0;
         let loader_options = LoaderOptions {
             num_workers: config.num_workers,
             prefetch: config.prefetch,
@@ -728,8 +742,24 @@ impl<'a> Trainer<'a> {
             wait_seconds += waited.elapsed().as_secs_f64();
             // Metadata is per volume, so augmentation leaves it as it is (mixup too, as in ivadomed).
             let metadata = match &self.train_set {
-                TrainData::Memory(set) => set.metadata_batch(indices, config.device),
-                // The lazy path carries no FiLM metadata (refused when the cache is asked for with it).
+                TrainData::Memory(set) => {
+                    let real = set.available_batch(indices, config.device);
+                    match (real, &config.modality_drops) {
+                        (Some(real), Some(drops)) => {
+                            let available =
+                                drops.batch_availability(&real, indices, config.seed, epoch)?;
+                            dropped_channels += real
+                                .f_sub(&available)?
+                                .f_sum(Kind::Float)?
+                                .double_value(&[]);
+                            images = zero_missing_channels(&images, &available)?;
+                            Some(available)
+                        }
+                        (real, _) => set.metadata_batch(indices, config.device).or(real),
+                    }
+                }
+                // The lazy path carries no FiLM metadata or HeMIS mask (refused when the cache is asked
+                // for with them).
                 TrainData::Cached(_) => None,
             };
             if let Some(alpha) = config.mixup_alpha {
@@ -770,6 +800,12 @@ impl<'a> Trainer<'a> {
             bar.inc(1);
         }
         drop(batches_of_epoch);
+        if let Some(drops) = &config.modality_drops {
+            tracing::info!(
+                "epoch {epoch}: missing_probability {:.4}, {dropped_channels} contrast channel(s) dropped",
+                drops.probability_at(epoch)
+            );
+        }
         bar.finish_and_clear();
         self.progress.remove(&bar);
         let train_seconds = started.elapsed().as_secs_f64();
@@ -851,9 +887,7 @@ impl<'a> Trainer<'a> {
             None
         } else {
             let (images, labels) = self.valid_set.batch(&self.qc_slices, self.config.device);
-            let metadata = self
-                .valid_set
-                .metadata_batch(&self.qc_slices, self.config.device);
+            let metadata = second_input(&self.valid_set, &self.qc_slices, self.config.device);
             let predictions = tch::no_grad(|| {
                 autocast(self.config.precision, self.config.device, || {
                     self.model
