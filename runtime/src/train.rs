@@ -364,6 +364,15 @@ impl TrainData<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The FiLM metadata of the samples `indices` (`[B, M]`) on `device`; `None` when the set has none,
+    /// which is always so on the lazy path (the cache is refused when FiLM metadata is asked for).
+    pub fn metadata_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
+        match self {
+            TrainData::Memory(set) => set.metadata_batch(indices, device),
+            TrainData::Cached(_) => None,
+        }
+    }
 }
 
 impl<'a> From<&'a SliceSet> for TrainData<'a> {
@@ -683,11 +692,7 @@ impl<'a> Trainer<'a> {
                 .context("the loader ended before the epoch's last batch")??;
             wait_seconds += waited.elapsed().as_secs_f64();
             // Metadata is per volume, so augmentation leaves it as it is (mixup too, as in ivadomed).
-            let metadata = match &self.train_set {
-                TrainData::Memory(set) => set.metadata_batch(indices, config.device),
-                // The lazy path carries no FiLM metadata (refused when the cache is asked for with it).
-                TrainData::Cached(_) => None,
-            };
+            let metadata = self.train_set.metadata_batch(indices, config.device);
             if let Some(alpha) = config.mixup_alpha {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
                 (images, labels) = mixup(&images, &labels, alpha, seed)?;
