@@ -1,5 +1,6 @@
 //! Bad input gives a clear error naming the file and what is wrong, through the loaders the pipeline uses
-//! (`volume::read_image`, `data::load_pair`). Every broken file is made in a temp dir from the real data.
+//! (`volume::read_image`, `data::load_pair`), and through Rhai scripts, where the error names the script line
+//! too. Every broken file is made in a temp dir from the real data.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use ivado_runtime::data::load_pair;
 use ivado_runtime::volume::{
     read_image, read_image_with, write_like, NonFinitePolicy, OutputType, ReadOptions,
 };
-use ivado_tests::shared_data;
+use ivado_tests::{functional_testing, run_ivado, shared_data};
 use tch::Kind;
 
 fn t2w() -> PathBuf {
@@ -298,5 +299,115 @@ fn microscopy_pair_loads_in_mm_and_binary() {
             && msg.contains(&json.display().to_string())
             && msg.contains("no PixelSize"),
         "{msg}"
+    );
+}
+
+/// Runs `body` as the Rhai script `dir/name.rhai` with `args` as its ARGS; returns (success, stderr, script).
+fn run_script(dir: &Path, name: &str, body: &str, args: &[&str]) -> (bool, String, PathBuf) {
+    let script = dir.join(format!("{name}.rhai"));
+    std::fs::write(&script, body).unwrap();
+    let mut command = vec!["run", script.to_str().unwrap()];
+    command.extend_from_slice(args);
+    let (ok, _, stderr) = run_ivado(&command, "warn");
+    eprintln!("{stderr}");
+    (ok, stderr, script)
+}
+
+#[test]
+fn an_unknown_contrast_is_refused_at_the_script_line_naming_the_contrasts_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = functional_testing();
+    let (ok, stderr, script) = run_script(
+        dir.path(),
+        "unknown_contrast",
+        "// T9w is no contrast of the dataset\n\
+         let data = bids(ARGS[0], #{ contrasts: [\"T2w\", \"T9w\"], target_suffix: \"_seg-manual\" });\n\
+         print(data.len());\n",
+        &[root.to_str().unwrap()],
+    );
+    assert!(!ok, "{stderr}");
+    // line 2 is the `bids` call; the contrasts there are the image suffixes of data_functional_testing
+    assert!(
+        stderr.contains(&format!("{}:2:", script.display()))
+            && stderr.contains("unknown contrast `T9w`")
+            && stderr.contains(&root.display().to_string())
+            && stderr.contains("contrasts there: T1w, T2star, T2w"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_subject_selection_keeping_no_subject_is_refused_at_the_script_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stderr, script) = run_script(
+        dir.path(),
+        "no_subject",
+        "let data = bids(ARGS[0], #{\n\
+             contrasts: [\"T2w\"],\n\
+             subject_selection: #{ n: 1, metadata: \"sex\", value: \"F\" },\n\
+         });\n\
+         print(data.len());\n",
+        &[functional_testing().to_str().unwrap()],
+    );
+    assert!(!ok, "{stderr}");
+    // participants.tsv gives every subject sex "unknown": none is "F"
+    assert!(
+        stderr.contains(&format!("{}:1:", script.display()))
+            && stderr.contains("subject_selection kept no subject, so no image is left")
+            && stderr.contains("sex == \"F\": 0 subject(s) of the 1 asked for"),
+        "{stderr}"
+    );
+}
+
+/// A BIDS dataset under `dir` of sub-unf01's and sub-unf02's real T2w images with all-zero `_seg-manual`
+/// labels on their grids.
+fn dataset_with_empty_labels(dir: &Path) -> PathBuf {
+    let root = dir.join("empty_labels");
+    for subject in ["sub-unf01", "sub-unf02"] {
+        let name = format!("{subject}_T2w.nii.gz");
+        let image = shared_data(&format!("data_functional_testing/{subject}/anat/{name}"));
+        let anat = root.join(subject).join("anat");
+        std::fs::create_dir_all(&anat).unwrap();
+        std::fs::copy(&image, anat.join(&name)).unwrap();
+        let labels = root.join("derivatives/labels").join(subject).join("anat");
+        std::fs::create_dir_all(&labels).unwrap();
+        let volume = read_image(&image, None).unwrap();
+        let label = labels.join(format!("{subject}_T2w_seg-manual.nii.gz"));
+        write_like(&volume, &volume.data.zeros_like(), &label, OutputType::U8).unwrap();
+        let written = read_image(&label, None).unwrap();
+        assert_eq!(written.data.count_nonzero(None).int64_value(&[]), 0);
+    }
+    root
+}
+
+#[test]
+fn a_slice_filter_leaving_no_slice_is_refused_at_the_script_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dataset_with_empty_labels(dir.path());
+    let out = dir.path().join("run");
+    let (ok, stderr, script) = run_script(
+        dir.path(),
+        "filter_everything",
+        "let data = bids(ARGS[0], #{ contrasts: [\"T2w\"], target_suffix: \"_seg-manual\" });\n\
+         let model = model(\"unet2d\", #{ n_filters: 4, depth: 2 });\n\
+         train(model, #{\n\
+             train: subset(data, [\"sub-unf01\"]), valid: subset(data, [\"sub-unf02\"]),\n\
+             preprocess: [transform(\"CenterCrop\", #{ size: [32, 32] })],\n\
+             slice_filter_params: #{ filter_empty_mask: true },\n\
+             epochs: 1, out: ARGS[1],\n\
+         });\n",
+        &[root.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    assert!(!ok, "{stderr}");
+    // Every label is empty, so filter_empty_mask drops every slice: line 3 is the `train` call.
+    assert!(
+        stderr.contains(&format!("{}:3:", script.display()))
+            && stderr.contains("no sample left to train on")
+            && stderr.contains("every window filtered out"),
+        "{stderr}"
+    );
+    assert!(
+        !out.join("model").exists(),
+        "nothing was trained, so no model folder"
     );
 }

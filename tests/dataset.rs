@@ -2,64 +2,25 @@
 //! multichannel inputs, K targets, soft GT), checked voxel by voxel on a phantom, trained on real data, and
 //! reproducible across libtorch threads and loader workers.
 use anyhow::Result;
-use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsOptions};
+use ivado_runtime::bids::BidsEntry;
 use ivado_runtime::data::{split_by_subject, SamplingOptions, SliceSet};
 use ivado_runtime::loader::{slice_batches, LoaderOptions};
 use ivado_runtime::pipeline::{LivePipeline, Phase, Pipeline};
-use ivado_runtime::plugin::{PluginRegistry, SearchPath};
-use ivado_runtime::train::{seed_everything, train, TrainConfig};
+use ivado_runtime::train::TrainConfig;
 use ivado_runtime::volume::{read_volume, write_like, OutputType};
-use ivado_tests::{run_ivado, shared_data};
+use ivado_tests::{
+    builtin_registry, crop_and_normalise, functional_testing, functional_testing_entries,
+    run_ivado, small_train_config, train_small_model, transform_pipeline,
+};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// libtorch's random generator and thread count are process-global: tests that set them must not interleave.
 static GLOBAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn registry() -> PluginRegistry {
-    PluginRegistry::discover(&SearchPath::standard(&[]))
-}
-
-fn pipeline(registry: &PluginRegistry, steps: &[(&str, serde_json::Value)]) -> Pipeline {
-    Pipeline {
-        steps: steps
-            .iter()
-            .map(|(name, config)| Arc::new(registry.transform(name, config).unwrap()))
-            .collect(),
-    }
-}
-
-fn functional_testing() -> PathBuf {
-    shared_data("data_functional_testing")
-}
-
-/// data_functional_testing indexed with the given contrasts and target suffixes (ivadomed's names).
-fn index(contrasts: &[&str], targets: &[&str]) -> Vec<BidsEntry> {
-    let options = BidsOptions::from_json(&json!({
-        "contrasts": contrasts,
-        "target_suffix": targets,
-    }))
-    .unwrap();
-    BidsIndex::build(&[functional_testing()], &options)
-        .unwrap()
-        .entries
-}
-
 fn options(value: serde_json::Value) -> SamplingOptions {
     SamplingOptions::from_json(&value).unwrap()
-}
-
-fn config(out: &Path, epochs: usize) -> TrainConfig {
-    TrainConfig {
-        epochs,
-        batch_size: 8,
-        seed: 5,
-        num_workers: 0,
-        optimizer: json!({"name": "Adam", "lr": 3e-3}),
-        ..TrainConfig::new(out, Device::Cpu)
-    }
 }
 
 fn same(a: &(Tensor, Tensor), b: &(Tensor, Tensor)) -> bool {
@@ -68,10 +29,10 @@ fn same(a: &(Tensor, Tensor), b: &(Tensor, Tensor)) -> bool {
 
 #[test]
 fn plain_axial_slices_through_the_window_path_equal_the_original_batches() {
-    let registry = registry();
-    let entries: Vec<BidsEntry> = index(&["T2w"], &["_seg-manual"]);
+    let registry = builtin_registry();
+    let entries: Vec<BidsEntry> = functional_testing_entries(&["T2w"], &["_seg-manual"]);
     assert_eq!(entries.len(), 3);
-    let preprocess = pipeline(
+    let preprocess = transform_pipeline(
         &registry,
         &[
             ("Resample", json!({"spacing": [1.0, 1.0]})),
@@ -362,28 +323,26 @@ fn train_on(
     sampling: &SamplingOptions,
     epochs: usize,
 ) -> (ivado_runtime::train::TrainReport, SliceSet, Tensor) {
-    let registry = registry();
+    let registry = builtin_registry();
     let split = split_by_subject(entries, 0.34, 0.0, 2).unwrap();
     let train_set =
         SliceSet::build_sampled(Phase::Training, &split.train, preprocess, 5, sampling).unwrap();
     let valid_set =
         SliceSet::build_sampled(Phase::Validation, &split.valid, preprocess, 5, sampling).unwrap();
-    seed_everything(5);
-    let model = registry
-        .model(architecture, &model_config, Device::Cpu)
-        .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let data = json!({"sampling": sampling.to_json()});
-    let report = train(
-        &model,
+    let config = TrainConfig {
+        num_workers: 0,
+        ..small_train_config(out.path(), epochs, 5)
+    };
+    let (model, report) = train_small_model(
+        &registry,
+        (architecture, model_config),
         preprocess,
-        &train_set,
-        &valid_set,
-        &data,
-        &config(out.path(), epochs),
+        (&train_set, &valid_set),
+        &json!({"sampling": sampling.to_json()}),
+        &config,
         None,
-    )
-    .unwrap();
+    );
     let output = tch::no_grad(|| {
         model
             .forward(&[&valid_set.images.narrow(0, 0, 1)], ivado_sdk::Mode::Eval)
@@ -417,13 +376,13 @@ fn assert_trained(report: &ivado_runtime::train::TrainReport, epochs: usize) {
 #[test]
 fn a_tiny_3d_unet_trains_on_subvolumes_of_real_data() {
     let _global = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    let registry = registry();
-    let preprocess = pipeline(&registry, &[("NormalizeInstance", json!({}))]);
+    let registry = builtin_registry();
+    let preprocess = transform_pipeline(&registry, &[("NormalizeInstance", json!({}))]);
     let sampling = options(json!({"length_3D": [32, 32, 16], "stride_3D": [32, 32, 16]}));
     let (report, valid, output) = train_on(
         "unet3d",
         json!({"n_filters": 4, "depth": 2, "dropout_rate": 0.0}),
-        &index(&["T2w"], &["_seg-manual"]),
+        &functional_testing_entries(&["T2w"], &["_seg-manual"]),
         &preprocess,
         &sampling,
         2,
@@ -444,19 +403,13 @@ fn a_tiny_3d_unet_trains_on_subvolumes_of_real_data() {
 #[test]
 fn a_two_channel_t1w_t2w_model_trains() {
     let _global = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    let registry = registry();
-    let preprocess = pipeline(
-        &registry,
-        &[
-            ("CenterCrop", json!({"size": [64, 64]})),
-            ("NormalizeInstance", json!({})),
-        ],
-    );
+    let registry = builtin_registry();
+    let preprocess = crop_and_normalise(&registry, [64, 64]);
     let sampling = options(json!({"multichannel": true, "contrasts": ["T1w", "T2w"]}));
     let (report, valid, output) = train_on(
         "unet2d",
         json!({"in_channels": 2, "n_filters": 4, "depth": 2, "dropout_rate": 0.0}),
-        &index(&["T1w", "T2w"], &["_seg-manual"]),
+        &functional_testing_entries(&["T1w", "T2w"], &["_seg-manual"]),
         &preprocess,
         &sampling,
         1,
@@ -474,16 +427,10 @@ fn a_two_channel_t1w_t2w_model_trains() {
 #[test]
 fn two_targets_give_two_output_channels() {
     let _global = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    let registry = registry();
-    let preprocess = pipeline(
-        &registry,
-        &[
-            ("CenterCrop", json!({"size": [64, 64]})),
-            ("NormalizeInstance", json!({})),
-        ],
-    );
+    let registry = builtin_registry();
+    let preprocess = crop_and_normalise(&registry, [64, 64]);
     let sampling = SamplingOptions::default();
-    let entries = index(&["T2w"], &["_seg-manual", "_lesion-manual"]);
+    let entries = functional_testing_entries(&["T2w"], &["_seg-manual", "_lesion-manual"]);
     assert!(entries.iter().all(|e| e.targets.len() == 2));
     let (report, valid, output) = train_on(
         "unet2d",
@@ -537,21 +484,15 @@ fn two_targets_give_two_output_channels() {
 #[test]
 fn sagittal_slices_train() {
     let _global = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    let registry = registry();
-    let preprocess = pipeline(
-        &registry,
-        &[
-            ("CenterCrop", json!({"size": [16, 128]})),
-            ("NormalizeInstance", json!({})),
-        ],
-    );
+    let registry = builtin_registry();
+    let preprocess = crop_and_normalise(&registry, [16, 128]);
     let sampling = options(
         json!({"slice_axis": "sagittal", "slice_filter_params": {"filter_empty_mask": true}}),
     );
     let (report, valid, output) = train_on(
         "unet2d",
         json!({"n_filters": 4, "depth": 2, "dropout_rate": 0.0}),
-        &index(&["T2w"], &["_seg-manual"]),
+        &functional_testing_entries(&["T2w"], &["_seg-manual"]),
         &preprocess,
         &sampling,
         2,
@@ -595,20 +536,14 @@ fn first_batches(
 fn the_same_seed_gives_the_same_split_and_batches_whatever_the_threads_and_workers() {
     let _global = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
     let threads_before = tch::get_num_threads();
-    let registry = registry();
-    let entries = index(&["T1w", "T2w", "T2star"], &["_seg-manual"]);
+    let registry = builtin_registry();
+    let entries = functional_testing_entries(&["T1w", "T2w", "T2star"], &["_seg-manual"]);
     let split = split_by_subject(&entries, 0.34, 0.0, 8).unwrap();
     let again = split_by_subject(&entries, 0.34, 0.0, 8).unwrap();
     assert_eq!((&split.train, &split.valid), (&again.train, &again.valid));
     assert!(!split.train.is_empty() && !split.valid.is_empty());
-    let crop = pipeline(
-        &registry,
-        &[
-            ("CenterCrop", json!({"size": [64, 64]})),
-            ("NormalizeInstance", json!({})),
-        ],
-    );
-    let augment = LivePipeline::new(pipeline(
+    let crop = crop_and_normalise(&registry, [64, 64]);
+    let augment = LivePipeline::new(transform_pipeline(
         &registry,
         &[
             (
@@ -626,7 +561,7 @@ fn the_same_seed_gives_the_same_split_and_batches_whatever_the_threads_and_worke
         &SamplingOptions::default(),
     )
     .unwrap();
-    let normalise = pipeline(&registry, &[("NormalizeInstance", json!({}))]);
+    let normalise = transform_pipeline(&registry, &[("NormalizeInstance", json!({}))]);
     let subvolumes = SliceSet::build_sampled(
         Phase::Training,
         &split.train,

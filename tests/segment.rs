@@ -1,7 +1,6 @@
 //! Inference end to end: tiling, undoing the preprocessing and stitching reconstruct the input exactly through
 //! an identity network; TTA, MC dropout and uncertainty outputs; a model trained here segments a real volume
 //! whose header and voxel order the outputs keep.
-use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsQuery};
 use ivado_runtime::data::SliceSet;
 use ivado_runtime::infer::{
     self, LoadedVolume, OutputTarget, Sampling, SegmentOptions, VolumeInput,
@@ -10,9 +9,12 @@ use ivado_runtime::model_folder::{self, LoadedModel};
 use ivado_runtime::pipeline::{Phase, Pipeline};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::tiling::SliceAxis;
-use ivado_runtime::train::{seed_everything, train, TrainConfig};
+use ivado_runtime::train::TrainConfig;
 use ivado_sdk::Sample;
-use ivado_tests::{artifact_dir, fixture_library, run_ivado, shared_data};
+use ivado_tests::{
+    artifact_dir, assert_same_geometry, crop_and_normalise, fixture_library,
+    functional_testing_entries, nifti_voxels, run_ivado, shared_data, t2w_entry, train_small_model,
+};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -53,41 +55,6 @@ fn identity_folder(
 
 fn max_abs_difference(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
-}
-
-/// Raw voxel values of a NIfTI file in the file's own order.
-fn raw_values(path: &Path) -> Vec<f32> {
-    let object = nifti::ReaderOptions::new().read_file(path).unwrap();
-    let volume = nifti::NiftiObject::into_volume(object);
-    let array = nifti::IntoNdArray::into_ndarray::<f32>(volume).unwrap();
-    array.iter().copied().collect()
-}
-
-/// (dim, pixdim, sform_code, qform_code, srow_x/y/z, quaternion and offsets, xyzt_units) as raw values.
-type Geometry = (Vec<u16>, Vec<f32>, i16, i16, Vec<f32>, Vec<f32>, u8);
-
-fn geometry(path: &Path) -> Geometry {
-    let h = nifti::NiftiHeader::from_file(path).unwrap();
-    let mut srow = h.srow_x.to_vec();
-    srow.extend(h.srow_y);
-    srow.extend(h.srow_z);
-    let quaternion = vec![
-        h.quatern_b,
-        h.quatern_c,
-        h.quatern_d,
-        h.quatern_x,
-        h.quatern_y,
-        h.quatern_z,
-    ];
-    (
-        h.dim.to_vec(),
-        h.pixdim.to_vec(),
-        h.sform_code,
-        h.qform_code,
-        srow,
-        quaternion,
-        h.xyzt_units,
-    )
 }
 
 fn one(path: PathBuf) -> VolumeInput {
@@ -236,15 +203,9 @@ fn command_line_overrides_reach_the_tiling_and_the_output_keeps_header_and_voxel
     assert!(stdout.contains(&soft.display().to_string()), "{stdout}");
     assert!(stdout.contains(&pred.display().to_string()), "{stdout}");
     for written in [&soft, &pred] {
-        let (src, got) = (geometry(&source), geometry(written));
-        assert_eq!(got.0, src.0, "dim");
-        assert_eq!(got.1, src.1, "pixdim");
-        assert_eq!((got.2, got.3), (src.2, src.3), "sform/qform codes");
-        assert_eq!(got.4, src.4, "srow");
-        assert_eq!(got.5, src.5, "quaternion");
-        assert_eq!(got.6, src.6, "xyzt_units");
+        assert_same_geometry(written, &source, &written.display().to_string());
     }
-    let (expected, got) = (raw_values(&source), raw_values(&soft));
+    let (expected, got) = (nifti_voxels(&source), nifti_voxels(&soft));
     assert_eq!(expected.len(), got.len());
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = expected
@@ -257,7 +218,7 @@ fn command_line_overrides_reach_the_tiling_and_the_output_keeps_header_and_voxel
         "voxel order or values changed: {worst}"
     );
     // The mask is the soft map thresholded at 0.5, voxel for voxel.
-    let mask = raw_values(&pred);
+    let mask = nifti_voxels(&pred);
     assert!(expected
         .iter()
         .zip(&mask)
@@ -531,46 +492,13 @@ fn mc_dropout_passes_differ_eval_passes_do_not_and_uncertainty_maps_are_written_
     );
 }
 
-fn t2w(index: &BidsIndex, subject: &str) -> BidsEntry {
-    index
-        .entries
-        .iter()
-        .find(|e| e.subject == subject && e.contrast == "T2w")
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
-    let root = shared_data("data_functional_testing");
-    let contrasts = vec!["T2w".to_owned()];
-    let index = BidsIndex::scan(
-        &root,
-        &BidsQuery {
-            target_suffix: "_seg-manual",
-            contrasts: Some(&contrasts),
-        },
-    )
-    .unwrap();
+    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
     let registry = registry();
-    let pipeline = Pipeline::from_specs(
-        &registry,
-        &[
-            json!({"name": "CenterCrop", "config": {"size": [64, 64]}}),
-            json!({"name": "NormalizeInstance", "config": {}}),
-        ],
-    )
-    .unwrap();
-    let train_set = SliceSet::build(&[t2w(&index, "sub-unf01")], &pipeline, 0).unwrap();
-    let valid_set = SliceSet::build(&[t2w(&index, "sub-unf02")], &pipeline, 0).unwrap();
-    seed_everything(1);
-    let model = registry
-        .model(
-            "unet2d",
-            &json!({"depth": 2, "n_filters": 4, "dropout_rate": 0.3}),
-            Device::Cpu,
-        )
-        .unwrap();
+    let pipeline = crop_and_normalise(&registry, [64, 64]);
+    let train_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf01")], &pipeline, 0).unwrap();
+    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf02")], &pipeline, 0).unwrap();
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         epochs: 2,
@@ -578,16 +506,18 @@ fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
         seed: 1,
         ..TrainConfig::new(out.path(), Device::Cpu)
     };
-    let report = train(
-        &model,
+    let (_, report) = train_small_model(
+        &registry,
+        (
+            "unet2d",
+            json!({"depth": 2, "n_filters": 4, "dropout_rate": 0.3}),
+        ),
         &pipeline,
-        &train_set,
-        &valid_set,
+        (&train_set, &valid_set),
         &json!({}),
         &config,
         None,
-    )
-    .unwrap();
+    );
     // 2D patches within axial slices, recorded in the folder, with overlap.
     model_folder::set_section(
         &report.model_dir,
@@ -595,7 +525,7 @@ fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
         &json!({"slice_axis": "axial", "length_2D": [64, 64], "stride_2D": [48, 48]}),
     )
     .unwrap();
-    let source = t2w(&index, "sub-unf03").image;
+    let source = t2w_entry(&entries, "sub-unf03").image;
     let predictions = out.path().join("predictions");
     let (ok, stdout, stderr) = run_ivado(
         &[
@@ -621,15 +551,9 @@ fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
     ] {
         let path = predictions.join(format!("sub-unf03_T2w{suffix}.nii.gz"));
         assert!(path.is_file(), "{} missing:\n{stdout}", path.display());
-        let (src, got) = (geometry(&source), geometry(&path));
-        assert_eq!(got.0, src.0, "{suffix} dim");
-        assert_eq!(got.1, src.1, "{suffix} pixdim");
-        assert_eq!((got.2, got.3), (src.2, src.3), "{suffix} sform/qform codes");
-        assert_eq!(got.4, src.4, "{suffix} srow");
-        assert_eq!(got.5, src.5, "{suffix} quaternion");
-        assert_eq!(got.6, src.6, "{suffix} xyzt_units");
+        assert_same_geometry(&path, &source, suffix);
     }
-    let mask = raw_values(&predictions.join("sub-unf03_T2w_pred.nii.gz"));
+    let mask = nifti_voxels(&predictions.join("sub-unf03_T2w_pred.nii.gz"));
     assert!(
         mask.iter().all(|&v| v == 0.0 || v == 1.0),
         "mask not binary"
@@ -653,5 +577,5 @@ fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
     assert_eq!(stdout.trim(), "2", "mask and soft map: {stdout}");
     assert!(target.is_file());
     assert!(out.path().join("rhai/sub-unf03_T2w_soft.nii.gz").is_file());
-    assert_eq!(geometry(&target), geometry(&source));
+    assert_same_geometry(&target, &source, "the Rhai output");
 }

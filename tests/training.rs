@@ -1,133 +1,67 @@
 //! Training and segmentation through the runtime's primitives, on ivadomed's real spinal-cord test data and on
 //! generated phantoms.
-use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsQuery};
+use ivado_runtime::bids::{BidsIndex, BidsQuery};
 use ivado_runtime::data::SliceSet;
 use ivado_runtime::pipeline::{LivePipeline, Pipeline};
-use ivado_runtime::plugin::{PluginRegistry, SearchPath};
-use ivado_runtime::train::{seed_everything, train, TrainConfig};
+use ivado_runtime::plugin::PluginRegistry;
 use ivado_runtime::{infer, model_folder, phantom};
-use ivado_tests::shared_data;
-use nifti::NiftiObject;
+use ivado_tests::{
+    assert_same_geometry, builtin_registry, functional_testing_entries, nifti_voxels,
+    small_train_config, t2w_entry, train_small_model, transform_pipeline,
+};
 use serde_json::json;
 use std::path::Path;
-use std::sync::Arc;
 use tch::Device;
 
 /// libtorch's random generator is process-global: tests that seed it must not interleave.
 static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn registry() -> PluginRegistry {
-    PluginRegistry::discover(&SearchPath::standard(&[]))
-}
-
 fn pipeline(registry: &PluginRegistry, crop: i64) -> Pipeline {
-    let steps = [
-        ("Resample", json!({"spacing": [1.0, 1.0]})),
-        ("CenterCrop", json!({"size": [crop, crop]})),
-        ("NormalizeInstance", json!({})),
-    ];
-    Pipeline {
-        steps: steps
-            .iter()
-            .map(|(name, config)| Arc::new(registry.transform(name, config).unwrap()))
-            .collect(),
-    }
-}
-
-fn config(out: &Path, epochs: usize, seed: u64) -> TrainConfig {
-    TrainConfig {
-        epochs,
-        batch_size: 8,
-        seed,
-        optimizer: json!({"name": "Adam", "lr": 3e-3}),
-        ..TrainConfig::new(out, Device::Cpu)
-    }
-}
-
-fn t2w(index: &BidsIndex, subject: &str) -> BidsEntry {
-    index
-        .entries
-        .iter()
-        .find(|e| e.subject == subject && e.contrast == "T2w")
-        .unwrap()
-        .clone()
-}
-
-/// The header fields that decide where a volume sits in world space, as raw values:
-/// (dim, pixdim, sform_code, qform_code, srow_x/y/z, quaternion and offsets, xyzt_units).
-type Geometry = (Vec<u16>, Vec<f32>, i16, i16, Vec<f32>, Vec<f32>, u8);
-
-fn geometry(path: &Path) -> Geometry {
-    let header = nifti::NiftiHeader::from_file(path).unwrap();
-    let mut srow = header.srow_x.to_vec();
-    srow.extend(header.srow_y);
-    srow.extend(header.srow_z);
-    let quaternion = vec![
-        header.quatern_b,
-        header.quatern_c,
-        header.quatern_d,
-        header.quatern_x,
-        header.quatern_y,
-        header.quatern_z,
-    ];
-    (
-        header.dim.to_vec(),
-        header.pixdim.to_vec(),
-        header.sform_code,
-        header.qform_code,
-        srow,
-        quaternion,
-        header.xyzt_units,
+    transform_pipeline(
+        registry,
+        &[
+            ("Resample", json!({"spacing": [1.0, 1.0]})),
+            ("CenterCrop", json!({"size": [crop, crop]})),
+            ("NormalizeInstance", json!({})),
+        ],
     )
 }
 
 #[test]
 fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_its_source() {
     let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let root = shared_data("data_functional_testing");
-    let contrasts = vec!["T2w".to_owned()];
-    let index = BidsIndex::scan(
-        &root,
-        &BidsQuery {
-            target_suffix: "_seg-manual",
-            contrasts: Some(&contrasts),
-        },
-    )
-    .unwrap();
-    let registry = registry();
+    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
+    let registry = builtin_registry();
     let pipeline = pipeline(&registry, 64);
     let train_set = SliceSet::build(
-        &[t2w(&index, "sub-unf01"), t2w(&index, "sub-unf02")],
+        &[
+            t2w_entry(&entries, "sub-unf01"),
+            t2w_entry(&entries, "sub-unf02"),
+        ],
         &pipeline,
         0,
     )
     .unwrap();
-    let valid_set = SliceSet::build(&[t2w(&index, "sub-unf03")], &pipeline, 0).unwrap();
+    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf03")], &pipeline, 0).unwrap();
     assert_eq!(
         (train_set.len(), valid_set.len()),
         (32, 16),
         "16 axial slices per volume"
     );
 
-    seed_everything(3);
-    let model = registry
-        .model(
-            "unet2d",
-            &json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
-            Device::Cpu,
-        )
-        .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let report = train(
-        &model,
+    let (_, report) = train_small_model(
+        &registry,
+        (
+            "unet2d",
+            json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
+        ),
         &pipeline,
-        &train_set,
-        &valid_set,
+        (&train_set, &valid_set),
         &json!({}),
-        &config(out.path(), 5, 3),
+        &small_train_config(out.path(), 5, 3),
         None,
-    )
-    .unwrap();
+    );
     let losses: Vec<f64> = report.history.iter().map(|r| r.train_loss).collect();
     assert!(
         losses.last().unwrap() < &(losses[0] - 0.05),
@@ -148,23 +82,14 @@ fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_it
 
     // Segment the validation subject from the model folder alone, and write it next to nothing else.
     let loaded = model_folder::load(&report.model_dir, &registry, Device::Cpu).unwrap();
-    let source_path = t2w(&index, "sub-unf03").image;
+    let source_path = t2w_entry(&entries, "sub-unf03").image;
     let (source, soft) = infer::segment_volume(&loaded, &source_path, Device::Cpu, 8).unwrap();
     let prediction_path = out.path().join("sub-unf03_T2w_pred.nii.gz");
     infer::write_segmentation(&source, &soft, &prediction_path, 0.5).unwrap();
 
     // Same shape and world placement as the source, compared field by field on the raw headers.
-    let (src, pred) = (geometry(&source_path), geometry(&prediction_path));
-    assert_eq!(pred.0, src.0, "dim");
-    assert_eq!(pred.1, src.1, "pixdim");
-    assert_eq!((pred.2, pred.3), (src.2, src.3), "sform/qform codes");
-    assert_eq!(pred.4, src.4, "srow_x/y/z");
-    assert_eq!(pred.5, src.5, "quaternion and offsets");
-    assert_eq!(pred.6, src.6, "xyzt_units");
-    let written = nifti::ReaderOptions::new()
-        .read_file(&prediction_path)
-        .unwrap();
-    let values = nifti::IntoNdArray::into_ndarray::<f32>(written.into_volume()).unwrap();
+    assert_same_geometry(&prediction_path, &source_path, "prediction");
+    let values = nifti_voxels(&prediction_path);
     assert!(
         values.iter().all(|&v| v == 0.0 || v == 1.0),
         "the mask is not binary"
@@ -174,7 +99,7 @@ fn training_on_spinal_cord_data_lowers_the_loss_and_the_segmentation_overlays_it
 /// One epoch on a generated phantom with random augmentations (affine, elastic, gamma, noise), returning the
 /// weights file's bytes.
 fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
-    let registry = registry();
+    let registry = builtin_registry();
     let index = BidsIndex::scan(
         data,
         &BidsQuery {
@@ -199,20 +124,15 @@ fn train_phantom_once(data: &Path, out: &Path, seed: u64) -> Vec<u8> {
         )
         .unwrap(),
     );
-    seed_everything(seed);
-    let model = registry
-        .model("unet2d", &json!({"depth": 2, "n_filters": 4}), Device::Cpu)
-        .unwrap();
-    let report = train(
-        &model,
+    let (_, report) = train_small_model(
+        &registry,
+        ("unet2d", json!({"depth": 2, "n_filters": 4})),
         &pipeline,
-        &train_set,
-        &valid_set,
+        (&train_set, &valid_set),
         &json!({}),
-        &config(out, 1, seed),
+        &small_train_config(out, 1, seed),
         Some(&augment),
-    )
-    .unwrap();
+    );
     assert!(report.model_dir.is_dir());
     std::fs::read(report.last_checkpoint.join(model_folder::WEIGHTS_FILE)).unwrap()
 }

@@ -482,6 +482,7 @@ impl BidsIndex {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut kept: BTreeSet<String> = BTreeSet::new();
+        let mut matches = Vec::with_capacity(rules.len());
         for rule in rules {
             if !self
                 .entries
@@ -510,8 +511,22 @@ impl BidsIndex {
                     rule.n
                 );
             }
+            matches.push(format!(
+                "{} == {:?}: {} subject(s) of the {} asked for",
+                rule.metadata,
+                rule.value,
+                candidates.len(),
+                rule.n
+            ));
             candidates.shuffle(&mut rng);
             kept.extend(candidates.into_iter().take(rule.n));
+        }
+        // An empty index would only fail later, as an empty dataset far from its cause.
+        if kept.is_empty() {
+            bail!(
+                "subject_selection kept no subject, so no image is left ({})",
+                matches.join("; ")
+            );
         }
         self.entries.retain(|e| kept.contains(&e.subject));
         Ok(())
@@ -2374,6 +2389,31 @@ mod tests {
             BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
         );
         assert!(msg.contains("`nope`"), "{msg}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_subject_selection_matching_no_subject_is_an_error_saying_why() {
+        let root = selection_tree("select-none");
+        // selection_tree puts subjects in groups A and B only: group C matches none of them.
+        let options = BidsOptions {
+            target_suffixes: vec![],
+            subject_selection: vec![SubjectSelection {
+                n: 2,
+                metadata: "group".into(),
+                value: "C".into(),
+            }],
+            ..BidsOptions::default()
+        };
+        let msg = format!(
+            "{:#}",
+            BidsIndex::build(std::slice::from_ref(&root), &options).unwrap_err()
+        );
+        assert!(
+            msg.contains("subject_selection kept no subject, so no image is left")
+                && msg.contains("group == \"C\": 0 subject(s) of the 2 asked for"),
+            "{msg}"
+        );
         let _ = fs::remove_dir_all(&root);
     }
 

@@ -30,9 +30,10 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::bids::{BidsEntry, BidsIndex, BidsQuery};
+use crate::cascade;
 use crate::metrics::{
-    self, lesion_detection, remove_small_objects, LesionOptions, Mask, MetricsOptions, ObjectSize,
-    OverlapCriterion, SizeBins, SizeUnit, VoxelCounts,
+    self, lesion_detection, remove_small_objects, LesionOptions, LesionOverlap, Mask,
+    MetricsOptions, ObjectSize, OverlapCriterion, SizeBins, SizeUnit, VoxelCounts,
 };
 use crate::model_folder::write_atomic;
 use crate::report::{curves, write_png, RgbImage};
@@ -520,15 +521,7 @@ pub struct LabelMatch {
 }
 
 fn image_stem(entry: &BidsEntry) -> String {
-    let name = entry
-        .image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    name.strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .unwrap_or(&name)
-        .to_string()
+    cascade::image_stem(&entry.image)
 }
 
 /// Matches image ids to BIDS entries: by image stem first, then by `<subject>_<contrast>` when that names
@@ -709,84 +702,37 @@ pub struct PaintedLesions {
     pub false_negatives: usize,
 }
 
-/// Overlapping voxels a ground-truth lesion of `lesion_voxels` needs to count as detected: the rule of
-/// `metrics::lesion_detection` (half-to-even rounding, never below one voxel), which `paint_lesions` must
-/// follow so that the painted map agrees with the CSV counts (checked by the tests below).
-fn voxels_needed(criterion: OverlapCriterion, lesion_voxels: usize, spacing: [f64; 3]) -> f64 {
-    let needed = match criterion {
-        OverlapCriterion::Voxels(voxels) => voxels,
-        OverlapCriterion::Mm3(mm3) => (mm3 / metrics::voxel_volume_mm3(spacing)).round_ties_even(),
-        OverlapCriterion::Ratio(fraction) => (lesion_voxels as f64 * fraction).round_ties_even(),
-    };
-    needed.max(1.0)
-}
-
 /// Paints the lesions of a binarised prediction and ground truth the way ivadomed's `Evaluation3DMetrics`
 /// does: missed ground-truth lesions first ([`FN_COLOUR`]), then every predicted lesion as [`TP_COLOUR`] or
 /// [`FP_COLOUR`], which wins where a missed lesion and a predicted one share voxels. Small objects are
-/// removed from both masks first when `options.remove_small` is set, as for the metrics.
+/// removed from both masks first when `options.remove_small` is set, as for the metrics. The outcomes are
+/// [`LesionOverlap`]'s, so the painted map agrees with the CSV counts of [`metrics::lesion_detection`].
 pub fn paint_lesions(
     prediction: &Mask,
     ground_truth: &Mask,
     spacing: [f64; 3],
     options: &LesionOptions,
 ) -> PaintedLesions {
-    let smallest = options
-        .remove_small
-        .map_or(0.0, |size| size.voxels(spacing));
-    let (prediction, ground_truth) = if smallest > 0.0 {
-        (
-            remove_small_objects(prediction, smallest, options.connectivity),
-            remove_small_objects(ground_truth, smallest, options.connectivity),
-        )
-    } else {
-        (prediction.clone(), ground_truth.clone())
-    };
-    let predicted = prediction.components(options.connectivity);
-    let truth = ground_truth.components(options.connectivity);
-    let mut truth_overlap = vec![0usize; truth.count()];
-    let mut predicted_overlap = vec![0usize; predicted.count()];
-    let mut touched_truth = vec![0u32; predicted.count()];
-    for (&p, &t) in predicted.labels.iter().zip(&truth.labels) {
-        if p != 0 && t != 0 {
-            truth_overlap[t as usize - 1] += 1;
-            predicted_overlap[p as usize - 1] += 1;
-            let touched = &mut touched_truth[p as usize - 1];
-            *touched = (*touched).max(t);
-        }
-    }
-    let missed: Vec<bool> = truth_overlap
-        .iter()
-        .zip(&truth.sizes)
-        .map(|(&overlap, &size)| (overlap as f64) < voxels_needed(options.overlap, size, spacing))
-        .collect();
-    let false_positive: Vec<bool> = predicted_overlap
-        .iter()
-        .zip(&touched_truth)
-        .map(|(&overlap, &touched)| {
-            touched == 0
-                || (overlap as f64)
-                    < voxels_needed(options.overlap, truth.size_of(touched), spacing)
-        })
-        .collect();
-    let labels = predicted
+    let overlap = LesionOverlap::of(prediction, ground_truth, spacing, options);
+    let labels = overlap
+        .predicted
         .labels
         .iter()
-        .zip(&truth.labels)
+        .zip(&overlap.truth.labels)
         .map(|(&p, &t)| match (p, t) {
             (0, 0) => 0,
-            (0, t) if missed[t as usize - 1] => FN_COLOUR,
+            (0, t) if !overlap.detected[t as usize - 1] => FN_COLOUR,
             (0, _) => 0,
-            (p, _) if false_positive[p as usize - 1] => FP_COLOUR,
+            (p, _) if overlap.false_positive[p as usize - 1] => FP_COLOUR,
             _ => TP_COLOUR,
         })
         .collect();
-    let false_positives = false_positive.iter().filter(|&&fp| fp).count();
+    let false_positives = overlap.false_positive_count();
     PaintedLesions {
         labels,
-        true_positives: predicted.count() - false_positives,
+        true_positives: overlap.predicted.count() - false_positives,
         false_positives,
-        false_negatives: missed.iter().filter(|&&m| m).count(),
+        false_negatives: overlap.truth.count() - overlap.detected_count(),
     }
 }
 
@@ -967,15 +913,10 @@ fn stack_classes(volumes: &[Tensor]) -> Tensor {
 
 /// The painted map path of a prediction file: `<stem>_painted.nii.gz` in `out_dir`.
 fn painted_path(prediction: &Path, out_dir: &Path) -> PathBuf {
-    let name = prediction
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name
-        .strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .unwrap_or(&name);
-    out_dir.join(format!("{stem}_painted.nii.gz"))
+    out_dir.join(format!(
+        "{}_painted.nii.gz",
+        cascade::image_stem(prediction)
+    ))
 }
 
 /// Reads the ground truth of every class, checked against the prediction grid; a missing class label is
@@ -1111,6 +1052,25 @@ fn match_predictions(
     Ok((matched, skipped))
 }
 
+/// The predictions of `predictions_dir` matched to their labels in `bids_root`, and those skipped; an error
+/// when none has a label.
+fn labelled_predictions(
+    predictions_dir: &Path,
+    bids_root: &Path,
+    options: &EvalOptions,
+) -> Result<(Vec<Matched>, Vec<SkippedImage>)> {
+    let predictions = find_predictions(predictions_dir)?;
+    let total = predictions.len();
+    let (matched, skipped) = match_predictions(predictions, bids_root, options)?;
+    ensure!(
+        !matched.is_empty(),
+        "none of the {total} predictions in {} has a label in {}",
+        predictions_dir.display(),
+        bids_root.display()
+    );
+    Ok((matched, skipped))
+}
+
 /// Evaluates every prediction in `predictions_dir` against the labels of `bids_root` and writes
 /// `evaluation_3Dmetrics.csv`, `evaluation_summary.csv`, the painted lesion maps and, with a threshold
 /// sweep, the threshold analysis (see the module documentation).
@@ -1121,15 +1081,7 @@ pub fn evaluate_folder(
 ) -> Result<EvalReport> {
     options.validate()?;
     let out_dir = options.out_dir_for(predictions_dir);
-    let predictions = find_predictions(predictions_dir)?;
-    let total = predictions.len();
-    let (matched, skipped) = match_predictions(predictions, bids_root, options)?;
-    ensure!(
-        !matched.is_empty(),
-        "none of the {total} predictions in {} has a label in {}",
-        predictions_dir.display(),
-        bids_root.display()
-    );
+    let (matched, skipped) = labelled_predictions(predictions_dir, bids_root, options)?;
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
 
@@ -1230,15 +1182,7 @@ pub fn threshold_analysis(
 ) -> Result<ThresholdReport> {
     options.validate()?;
     let out_dir = options.out_dir_for(predictions_dir);
-    let predictions = find_predictions(predictions_dir)?;
-    let total = predictions.len();
-    let (matched, _) = match_predictions(predictions, bids_root, options)?;
-    ensure!(
-        !matched.is_empty(),
-        "none of the {total} predictions in {} has a label in {}",
-        predictions_dir.display(),
-        bids_root.display()
-    );
+    let (matched, _) = labelled_predictions(predictions_dir, bids_root, options)?;
     sweep_thresholds(&matched, options, sweep, &out_dir)
 }
 

@@ -879,7 +879,9 @@ pub fn remove_small_objects(mask: &Mask, min_voxels: f64, connectivity: Connecti
     Mask::from_components(&mask.components(connectivity).retain_min_size(min_voxels))
 }
 
-/// Lesion-wise detection as ivadomed's `Evaluation3DMetrics` (`_get_ltp_lfn`, `_get_lfp`):
+/// The lesions of a prediction and a ground truth and the outcome of each, by ivadomed's
+/// `Evaluation3DMetrics` rules (`_get_ltp_lfn`, `_get_lfp`); the one place those rules live, behind both
+/// [`lesion_detection`] and the painted lesion maps of evaluation:
 ///
 /// - lesions are the connected components of each mask (`options.connectivity`, 18 by default), those
 ///   smaller than `options.remove_small` dropped;
@@ -888,6 +890,89 @@ pub fn remove_small_objects(mask: &Mask, min_voxels: f64, connectivity: Connecti
 /// - a predicted lesion is a false positive when its overlap with the whole ground truth is below the
 ///   threshold of the ground-truth lesion it touches (the highest-numbered one when it touches several, as
 ///   ivadomed takes the max label); one touching no ground truth is always a false positive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LesionOverlap {
+    /// The predicted lesions left after small-object removal.
+    pub predicted: Components,
+    /// The ground-truth lesions left after small-object removal.
+    pub truth: Components,
+    /// Lesions smaller than this many voxels were dropped from both masks (0: none).
+    pub smallest_voxels: f64,
+    /// `detected[k - 1]`: ground-truth lesion `k` is overlapped enough to count as detected.
+    pub detected: Vec<bool>,
+    /// `false_positive[k - 1]`: predicted lesion `k` lacks the ground-truth overlap to count.
+    pub false_positive: Vec<bool>,
+}
+
+impl LesionOverlap {
+    /// Labels both masks and decides every lesion's outcome. Panics if the dims differ.
+    pub fn of(
+        prediction: &Mask,
+        ground_truth: &Mask,
+        spacing: [f64; 3],
+        options: &LesionOptions,
+    ) -> Self {
+        assert_same_dims(prediction, ground_truth);
+        let smallest_voxels = options
+            .remove_small
+            .map_or(0.0, |size| size.voxels(spacing));
+        let predicted = prediction
+            .components(options.connectivity)
+            .retain_min_size(smallest_voxels);
+        let truth = ground_truth
+            .components(options.connectivity)
+            .retain_min_size(smallest_voxels);
+
+        // Overlap of each ground-truth lesion with the prediction, of each predicted lesion with the ground
+        // truth, and the highest ground-truth label each predicted lesion touches.
+        let mut truth_overlap = vec![0usize; truth.count()];
+        let mut predicted_overlap = vec![0usize; predicted.count()];
+        let mut touched_truth = vec![0u32; predicted.count()];
+        for (&p, &t) in predicted.labels.iter().zip(&truth.labels) {
+            if p != 0 && t != 0 {
+                truth_overlap[t as usize - 1] += 1;
+                predicted_overlap[p as usize - 1] += 1;
+                let touched = &mut touched_truth[p as usize - 1];
+                *touched = (*touched).max(t);
+            }
+        }
+        let detected = truth_overlap
+            .iter()
+            .zip(&truth.sizes)
+            .map(|(&overlap, &size)| overlap as f64 >= options.overlap.voxels_needed(size, spacing))
+            .collect();
+        let false_positive = predicted_overlap
+            .iter()
+            .zip(&touched_truth)
+            .map(|(&overlap, &touched)| {
+                touched == 0
+                    || (overlap as f64)
+                        < options
+                            .overlap
+                            .voxels_needed(truth.size_of(touched), spacing)
+            })
+            .collect();
+        Self {
+            predicted,
+            truth,
+            smallest_voxels,
+            detected,
+            false_positive,
+        }
+    }
+
+    /// Ground-truth lesions detected (ivadomed's `ltp`).
+    pub fn detected_count(&self) -> usize {
+        self.detected.iter().filter(|&&hit| hit).count()
+    }
+
+    /// Predicted lesions that are false positives (ivadomed's `lfp`).
+    pub fn false_positive_count(&self) -> usize {
+        self.false_positive.iter().filter(|&&fp| fp).count()
+    }
+}
+
+/// Lesion-wise detection counts as ivadomed's `Evaluation3DMetrics`, by the rules of [`LesionOverlap`].
 ///
 /// With `target_size`, ground-truth and predicted lesions are also counted per size bin, each by its own
 /// size. ivadomed bins a predicted lesion by looking up predicted-lesion size labels at the voxels of the
@@ -899,65 +984,33 @@ pub fn lesion_detection(
     spacing: [f64; 3],
     options: &LesionOptions,
 ) -> LesionDetection {
-    assert_same_dims(prediction, ground_truth);
-    let smallest = options
-        .remove_small
-        .map_or(0.0, |size| size.voxels(spacing));
-    let predicted = prediction
-        .components(options.connectivity)
-        .retain_min_size(smallest);
-    let truth = ground_truth
-        .components(options.connectivity)
-        .retain_min_size(smallest);
-
-    // Overlap of each ground-truth lesion with the prediction, of each predicted lesion with the ground
-    // truth, and the highest ground-truth label each predicted lesion touches.
-    let mut truth_overlap = vec![0usize; truth.count()];
-    let mut predicted_overlap = vec![0usize; predicted.count()];
-    let mut touched_truth = vec![0u32; predicted.count()];
-    for (&p, &t) in predicted.labels.iter().zip(&truth.labels) {
-        if p != 0 && t != 0 {
-            truth_overlap[t as usize - 1] += 1;
-            predicted_overlap[p as usize - 1] += 1;
-            let touched = &mut touched_truth[p as usize - 1];
-            *touched = (*touched).max(t);
-        }
-    }
-    let detected: Vec<bool> = truth_overlap
-        .iter()
-        .zip(&truth.sizes)
-        .map(|(&overlap, &size)| overlap as f64 >= options.overlap.voxels_needed(size, spacing))
-        .collect();
-    let false_positive: Vec<bool> = predicted_overlap
-        .iter()
-        .zip(&touched_truth)
-        .map(|(&overlap, &touched)| {
-            touched == 0
-                || (overlap as f64)
-                    < options
-                        .overlap
-                        .voxels_needed(truth.size_of(touched), spacing)
-        })
-        .collect();
+    let overlap = LesionOverlap::of(prediction, ground_truth, spacing, options);
+    let LesionOverlap {
+        predicted,
+        truth,
+        detected,
+        false_positive,
+        ..
+    } = &overlap;
 
     let per_size = match &options.target_size {
         None => Vec::new(),
         Some(bins) => bins
-            .ranges(smallest, spacing)
+            .ranges(overlap.smallest_voxels, spacing)
             .into_iter()
             .map(|range| {
                 let truth_in_bin = || {
                     truth
                         .sizes
                         .iter()
-                        .zip(&detected)
+                        .zip(detected)
                         .filter(|(&size, _)| range.contains(size))
                 };
                 let predicted_in_bin = || {
                     predicted
                         .sizes
                         .iter()
-                        .zip(&false_positive)
+                        .zip(false_positive)
                         .filter(|(&size, _)| range.contains(size))
                 };
                 SizeBinDetection {
@@ -971,13 +1024,13 @@ pub fn lesion_detection(
             .collect(),
     };
 
-    let detected_count = detected.iter().filter(|&&hit| hit).count();
+    let detected_count = overlap.detected_count();
     LesionDetection {
         predicted_lesions: predicted.count(),
         ground_truth_lesions: truth.count(),
         detected: detected_count,
         missed: truth.count() - detected_count,
-        false_positives: false_positive.iter().filter(|&&fp| fp).count(),
+        false_positives: overlap.false_positive_count(),
         per_size,
     }
 }

@@ -348,47 +348,18 @@ pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Splits `sample` into the tensors `options` lets a step see (with the metadata) and the rest.
-fn split_visible(
-    sample: Sample,
-    options: &StepOptions,
-) -> (Sample, BTreeMap<String, tch::Tensor>, bool) {
-    let mut visible = Sample {
-        tensors: BTreeMap::new(),
-        meta: sample.meta,
-    };
-    let mut hidden = BTreeMap::new();
-    let mut selected_any = false;
-    for (name, tensor) in sample.tensors {
-        if options.sees(&name) {
-            selected_any |= DataKind::of_tensor(&name).is_some();
-            visible.tensors.insert(name, tensor);
-        } else {
-            hidden.insert(name, tensor);
-        }
-    }
-    (visible, hidden, selected_any)
-}
+/// The tensors of a sample or batch by name.
+type TensorMap = BTreeMap<String, tch::Tensor>;
 
-/// [`split_visible`] for a batch.
-fn split_visible_batch(
-    batch: Batch,
-    options: &StepOptions,
-) -> (Batch, BTreeMap<String, tch::Tensor>, bool) {
-    let mut visible = Batch {
-        tensors: BTreeMap::new(),
-        metas: batch.metas,
-    };
-    let mut hidden = BTreeMap::new();
-    let mut selected_any = false;
-    for (name, tensor) in batch.tensors {
-        if options.sees(&name) {
-            selected_any |= DataKind::of_tensor(&name).is_some();
-            visible.tensors.insert(name, tensor);
-        } else {
-            hidden.insert(name, tensor);
-        }
-    }
+/// Splits a sample's or a batch's tensors into those `options` lets a step see and the rest; the flag says
+/// whether any seen tensor is data the step applies to (else the step does not run).
+fn split_visible(tensors: TensorMap, options: &StepOptions) -> (TensorMap, TensorMap, bool) {
+    let (visible, hidden): (TensorMap, TensorMap) = tensors
+        .into_iter()
+        .partition(|(name, _)| options.sees(name));
+    let selected_any = visible
+        .keys()
+        .any(|name| DataKind::of_tensor(name).is_some());
     (visible, hidden, selected_any)
 }
 
@@ -450,16 +421,17 @@ impl Pipeline {
                 records.push(None);
                 continue;
             }
-            let (visible, hidden, selected_any) = split_visible(sample, &step.options);
+            let (visible, hidden, selected_any) = split_visible(sample.tensors, &step.options);
             if !selected_any {
                 // Nothing this step applies to (e.g. `applied_to: ["gt"]` at inference): it does not run.
-                sample = Sample {
-                    tensors: visible.tensors.into_iter().chain(hidden).collect(),
-                    meta: visible.meta,
-                };
+                sample.tensors = visible.into_iter().chain(hidden).collect();
                 records.push(None);
                 continue;
             }
+            let visible = Sample {
+                tensors: visible,
+                meta: sample.meta,
+            };
             let (mut next, record) = step
                 .apply(visible, derive_seed(seed, index as u64))
                 .with_context(|| format!("step {} {}", index + 1, step.label()))?;
@@ -507,17 +479,21 @@ impl Pipeline {
         }
         for (index, step) in self.steps.iter().enumerate() {
             let (visible, hidden, selected_any) = if step.options.runs_in(phase) {
-                split_visible_batch(batch, &step.options)
+                split_visible(batch.tensors, &step.options)
             } else {
-                (batch, BTreeMap::new(), false)
+                (batch.tensors, BTreeMap::new(), false)
             };
             if !selected_any {
-                batch = visible;
+                batch.tensors = visible;
                 batch.tensors.extend(hidden);
                 records.iter_mut().for_each(|r| r.push(None));
                 after_step(index);
                 continue;
             }
+            let visible = Batch {
+                tensors: visible,
+                metas: batch.metas,
+            };
             let step_seeds: Vec<u64> = seeds
                 .iter()
                 .map(|&seed| derive_seed(seed, index as u64))
@@ -577,7 +553,11 @@ impl Pipeline {
             if !step.options.applied_to.contains(&DataKind::Label) {
                 continue;
             }
-            let (visible, hidden, _) = split_visible(sample, &step.options);
+            let (visible, hidden, _) = split_visible(sample.tensors, &step.options);
+            let visible = Sample {
+                tensors: visible,
+                meta: sample.meta,
+            };
             let mut restored = step.undo(visible, record).with_context(|| {
                 format!(
                     "step {} {} was applied to this image and cannot be undone on its prediction",

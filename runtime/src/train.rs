@@ -376,6 +376,24 @@ impl TrainData<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The FiLM metadata of the samples `indices` (`[B, M]`) on `device`; `None` when the set has none,
+    /// which is always so on the lazy path (the cache is refused when FiLM metadata is asked for).
+    pub fn metadata_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
+        match self {
+            TrainData::Memory(set) => set.metadata_batch(indices, device),
+            TrainData::Cached(_) => None,
+        }
+    }
+
+    /// The HeMIS availability mask of the samples `indices` (`[B, C]`); `None` on the lazy path, which
+    /// carries no mask (the cache is refused with a HeMIS model).
+    pub fn available_batch(&self, indices: &[i64], device: Device) -> Option<Tensor> {
+        match self {
+            TrainData::Memory(set) => set.available_batch(indices, device),
+            TrainData::Cached(_) => None,
+        }
+    }
 }
 
 impl<'a> From<&'a SliceSet> for TrainData<'a> {
@@ -741,26 +759,23 @@ impl<'a> Trainer<'a> {
                 .context("the loader ended before the epoch's last batch")??;
             wait_seconds += waited.elapsed().as_secs_f64();
             // Metadata is per volume, so augmentation leaves it as it is (mixup too, as in ivadomed).
-            let metadata = match &self.train_set {
-                TrainData::Memory(set) => {
-                    let real = set.available_batch(indices, config.device);
-                    match (real, &config.modality_drops) {
-                        (Some(real), Some(drops)) => {
-                            let available =
-                                drops.batch_availability(&real, indices, config.seed, epoch)?;
-                            dropped_channels += real
-                                .f_sub(&available)?
-                                .f_sum(Kind::Float)?
-                                .double_value(&[]);
-                            images = zero_missing_channels(&images, &available)?;
-                            Some(available)
-                        }
-                        (real, _) => set.metadata_batch(indices, config.device).or(real),
-                    }
+            let metadata = match (
+                self.train_set.available_batch(indices, config.device),
+                &config.modality_drops,
+            ) {
+                (Some(real), Some(drops)) => {
+                    let available = drops.batch_availability(&real, indices, config.seed, epoch)?;
+                    dropped_channels += real
+                        .f_sub(&available)?
+                        .f_sum(Kind::Float)?
+                        .double_value(&[]);
+                    images = zero_missing_channels(&images, &available)?;
+                    Some(available)
                 }
-                // The lazy path carries no FiLM metadata or HeMIS mask (refused when the cache is asked
-                // for with them).
-                TrainData::Cached(_) => None,
+                (real, _) => self
+                    .train_set
+                    .metadata_batch(indices, config.device)
+                    .or(real),
             };
             if let Some(alpha) = config.mixup_alpha {
                 let seed = derive_seed(order_seed, 0x4D49_5855_0000 + batch_index as u64);
