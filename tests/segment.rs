@@ -122,7 +122,8 @@ fn identity_tiles_stitch_back_into_the_input_volume() {
             Sampling::Slices {
                 axis: SliceAxis::Coronal,
             },
-            crop2d([150, 20]),
+            // (height, width) = (Z, X): coronal tiles are oriented as in training (sampling::plane_axes).
+            crop2d([20, 150]),
         ),
         (
             "axial slices, padded",
@@ -144,8 +145,9 @@ fn identity_tiles_stitch_back_into_the_input_volume() {
             "sagittal 2D patches with overlap",
             Sampling::Patches2d {
                 axis: SliceAxis::Sagittal,
-                length: [40, 12],
-                stride: [17, 5],
+                // (height, width) = (Z, Y), as training orients sagittal slices.
+                length: [12, 40],
+                stride: [5, 17],
             },
             vec![],
         ),
