@@ -260,7 +260,7 @@ fn run_cases(
                 runs.push(times);
             }
         }
-        runs.sort_by(|a, b| a.total.cmp(&b.total));
+        runs.sort_by_key(|run| run.total);
         let median = runs[runs.len() / 2];
         let seconds = median.total.as_secs_f64();
         let (reference, ratio) = match ivadomed.get(case.label) {
