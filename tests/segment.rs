@@ -817,7 +817,12 @@ let report = train(model, #{{
         log.contains(r#"tiling {"length_3D":[32,32,16],"stride_3D":[24,24,16]}"#),
         "{log}"
     );
-    assert!(log.contains("precision "), "{log}");
+    let auto = if ivado_runtime::precision::native_bf16(Device::Cpu) {
+        "precision bf16 (auto: native bf16 on this device)"
+    } else {
+        "precision fp32 (auto: no native bf16 on this device)"
+    };
+    assert!(log.contains(auto), "{log}");
     let (explicit_soft, _) = segment("explicit", &["--patch", "32,32,16", "--stride", "24,24,16"]);
     let (a, b) = (raw_values(&default_soft), raw_values(&explicit_soft));
     assert_eq!(a.len(), 131 * 141 * 16);
@@ -825,6 +830,15 @@ let report = train(model, #{{
     // Other subvolumes give another map (the comparison above can tell tilings apart).
     let (other_soft, _) = segment("other", &["--patch", "32,32,16", "--stride", "32,32,16"]);
     assert!(raw_values(&other_soft) != a);
+    // A precision pinned in the folder wins over auto, and the log says so.
+    let mut pinned = saved["inference"].clone();
+    pinned["precision"] = json!("fp32");
+    model_folder::set_section(&model_dir, "inference", &pinned).unwrap();
+    let (_, log) = segment("pinned", &[]);
+    assert!(
+        log.contains("precision fp32 (pinned by the model folder)"),
+        "{log}"
+    );
     // Axial slices, the default before training recorded its tiling, cannot feed a 3D network.
     let model = model_dir.display().to_string();
     let input = source.display().to_string();
