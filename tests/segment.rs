@@ -8,6 +8,7 @@ use ivado_runtime::infer::{
 use ivado_runtime::model_folder::{self, LoadedModel};
 use ivado_runtime::pipeline::{Phase, Pipeline};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
+use ivado_runtime::precision::Precision;
 use ivado_runtime::tiling::SliceAxis;
 use ivado_runtime::train::TrainConfig;
 use ivado_sdk::Sample;
@@ -88,7 +89,8 @@ fn identity_tiles_stitch_back_into_the_input_volume() {
             Sampling::Slices {
                 axis: SliceAxis::Coronal,
             },
-            crop2d([150, 20]),
+            // (height, width) = (Z, X): coronal tiles are oriented as in training (sampling::plane_axes).
+            crop2d([20, 150]),
         ),
         (
             "axial slices, padded",
@@ -110,8 +112,9 @@ fn identity_tiles_stitch_back_into_the_input_volume() {
             "sagittal 2D patches with overlap",
             Sampling::Patches2d {
                 axis: SliceAxis::Sagittal,
-                length: [40, 12],
-                stride: [17, 5],
+                // (height, width) = (Z, Y), as training orients sagittal slices.
+                length: [12, 40],
+                stride: [5, 17],
             },
             vec![],
         ),
@@ -578,4 +581,205 @@ fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
     assert!(target.is_file());
     assert!(out.path().join("rhai/sub-unf03_T2w_soft.nii.gz").is_file());
     assert_same_geometry(&target, &source, "the Rhai output");
+}
+
+/// Hard Dice of two binary masks (1 when both are empty).
+fn dice(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+    let overlap = (&a * &b).sum(Kind::Double).double_value(&[]);
+    let total = a.sum(Kind::Double).double_value(&[]) + b.sum(Kind::Double).double_value(&[]);
+    if total == 0.0 {
+        1.0
+    } else {
+        2.0 * overlap / total
+    }
+}
+
+/// bf16 (the default on a CPU with native bf16) is safe for segmentation: a model trained here segments a real
+/// volume in fp32 and in bf16 into nearly the same mask and soft map, and the channels-last weights bf16
+/// leaves behind do not change a later fp32 run.
+#[test]
+fn bf16_segments_a_real_volume_like_fp32() {
+    let root = shared_data("data_functional_testing");
+    let contrasts = vec!["T2w".to_owned()];
+    let index = BidsIndex::scan(
+        &root,
+        &BidsQuery {
+            target_suffix: "_seg-manual",
+            contrasts: Some(&contrasts),
+        },
+    )
+    .unwrap();
+    let registry = registry();
+    let pipeline = Pipeline::from_specs(
+        &registry,
+        &[
+            json!({"name": "CenterCrop", "config": {"size": [64, 64]}}),
+            json!({"name": "NormalizeInstance", "config": {}}),
+        ],
+    )
+    .unwrap();
+    let train_set = SliceSet::build(&[t2w(&index, "sub-unf01")], &pipeline, 0).unwrap();
+    let valid_set = SliceSet::build(&[t2w(&index, "sub-unf02")], &pipeline, 0).unwrap();
+    seed_everything(1);
+    let model = registry
+        .model(
+            "unet2d",
+            &json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
+            Device::Cpu,
+        )
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        epochs: 6,
+        batch_size: 4,
+        seed: 1,
+        ..TrainConfig::new(out.path(), Device::Cpu)
+    };
+    let report = train(
+        &model,
+        &pipeline,
+        &train_set,
+        &valid_set,
+        &json!({}),
+        &config,
+        None,
+    )
+    .unwrap();
+    let loaded = model_folder::load(&report.model_dir, &registry, Device::Cpu).unwrap();
+    let volume = infer::load_volume(&one(t2w(&index, "sub-unf03").image)).unwrap();
+    let run = |precision| {
+        let options = SegmentOptions {
+            precision: Some(precision),
+            ..SegmentOptions::default()
+        };
+        let segmentation = infer::segment_loaded(&loaded, &volume, &options).unwrap();
+        assert_eq!(segmentation.precision, precision);
+        segmentation.soft
+    };
+    let fp32 = run(Precision::Fp32);
+    let bf16 = run(Precision::Bf16);
+    let fp32_again = run(Precision::Fp32);
+    let (mask32, mask16) = (fp32.ge(0.5), bf16.ge(0.5));
+    let voxels = mask32.sum(Kind::Int64).int64_value(&[]);
+    // The comparison means something only if the model found the cord: a mask of tens of voxels per slice
+    // (the cord is about 40 voxels per axial slice in these images), not empty, not everything.
+    assert!(
+        voxels > 100 && voxels < fp32.numel() as i64 / 10,
+        "fp32 mask has {voxels} voxels"
+    );
+    // bf16 keeps 8 significant bits: activations differ by ~1e-2 relative, so only voxels whose fp32 soft
+    // value lies within ~0.01 of the threshold can flip. Those sit on the mask's one-voxel boundary and are a
+    // small fraction of it; a Dice of 0.98 allows 2% of the mask's voxels to flip.
+    let agreement = dice(&mask32, &mask16);
+    assert!(agreement >= 0.98, "Dice fp32 vs bf16 = {agreement}");
+    let soft_gap = max_abs_difference(&fp32, &bf16);
+    assert!(soft_gap < 0.1, "soft maps differ by up to {soft_gap}");
+    let mean_gap = (&fp32 - &bf16).abs().mean(Kind::Double).double_value(&[]);
+    assert!(mean_gap < 0.01, "soft maps differ by {mean_gap} on average");
+    // Not vacuous: bf16 did compute in lower precision.
+    assert!(soft_gap > 0.0, "bf16 gave exactly the fp32 map");
+    // fp32 after bf16 (weights now channels-last) matches the first fp32 run to float rounding.
+    let drift = max_abs_difference(&fp32, &fp32_again);
+    assert!(drift < 1e-5, "fp32 changed by {drift} after a bf16 run");
+}
+
+/// Training records its tiling: a 3D U-Net trained on subvolumes writes `inference` with its length_3D and
+/// stride_3D, and `ivado segment` without tiling flags cuts the same subvolumes as explicit --patch/--stride
+/// (the same soft map), which axial slicing (the old default) could not (a 3D network refuses 2D slices).
+#[test]
+fn a_unet3d_trained_on_subvolumes_segments_in_subvolumes_by_default() {
+    let root = shared_data("data_functional_testing");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let script = dir.path().join("train3d.rhai");
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+let data = bids("{root}", #{{ contrasts: ["T2w"], target_suffix: ["_seg-manual"] }});
+let model = model("unet3d", #{{ n_filters: 4, depth: 2, dropout_rate: 0.0 }});
+let report = train(model, #{{
+    train: subset(data, ["sub-unf01"]), valid: subset(data, ["sub-unf02"]),
+    preprocess: [transform("NormalizeInstance", #{{}})],
+    length_3D: [32, 32, 16], stride_3D: [24, 24, 16],
+    epochs: 1, batch_size: 4, num_workers: 0, out: "{out}"
+}});
+"#,
+            root = root.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run_ivado(&["run", script.to_str().unwrap()], "warn");
+    assert!(ok, "{stdout}\n{stderr}");
+    let model_dir = out.join("model");
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir.join(model_folder::CONFIG_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        saved["inference"],
+        json!({"length_3D": [32, 32, 16], "stride_3D": [24, 24, 16]})
+    );
+    let source = image("sub-unf03", "T2w");
+    let segment = |name: &str, flags: &[&str]| -> (PathBuf, String) {
+        let target = dir.path().join(name).join("sub-unf03_T2w_pred.nii.gz");
+        let model = model_dir.display().to_string();
+        let (input, output) = (source.display().to_string(), target.display().to_string());
+        let mut args = vec![
+            "segment", "--model", &model, &input, "-o", &output, "--soft",
+        ];
+        args.extend_from_slice(flags);
+        let (ok, stdout, stderr) = run_ivado(&args, "info");
+        assert!(ok, "{name}: {stdout}\n{stderr}");
+        (target.with_file_name("sub-unf03_T2w_soft.nii.gz"), stderr)
+    };
+    let (default_soft, log) = segment("default", &[]);
+    // The log says which tiling and precision ran.
+    assert!(
+        log.contains(r#"tiling {"length_3D":[32,32,16],"stride_3D":[24,24,16]}"#),
+        "{log}"
+    );
+    let auto = if ivado_runtime::precision::native_bf16(Device::Cpu) {
+        "precision bf16 (auto: native bf16 on this device)"
+    } else {
+        "precision fp32 (auto: no native bf16 on this device)"
+    };
+    assert!(log.contains(auto), "{log}");
+    let (explicit_soft, _) = segment("explicit", &["--patch", "32,32,16", "--stride", "24,24,16"]);
+    let (a, b) = (raw_values(&default_soft), raw_values(&explicit_soft));
+    assert_eq!(a.len(), 131 * 141 * 16);
+    assert!(a == b, "the default tiling is not the recorded subvolumes");
+    // Other subvolumes give another map (the comparison above can tell tilings apart).
+    let (other_soft, _) = segment("other", &["--patch", "32,32,16", "--stride", "32,32,16"]);
+    assert!(raw_values(&other_soft) != a);
+    // A precision pinned in the folder wins over auto, and the log says so.
+    let mut pinned = saved["inference"].clone();
+    pinned["precision"] = json!("fp32");
+    model_folder::set_section(&model_dir, "inference", &pinned).unwrap();
+    let (_, log) = segment("pinned", &[]);
+    assert!(
+        log.contains("precision fp32 (pinned by the model folder)"),
+        "{log}"
+    );
+    // Axial slices, the default before training recorded its tiling, cannot feed a 3D network.
+    let model = model_dir.display().to_string();
+    let input = source.display().to_string();
+    let output = dir.path().join("axial").display().to_string();
+    let (ok, stdout, stderr) = run_ivado(
+        &[
+            "segment",
+            "--model",
+            &model,
+            &input,
+            "-o",
+            &output,
+            "--slice-axis",
+            "axial",
+        ],
+        "warn",
+    );
+    assert!(!ok, "a 3D U-Net segmented axial slices:\n{stdout}");
+    assert!(stderr.contains("segmenting"), "{stderr}");
 }

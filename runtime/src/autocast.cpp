@@ -1,7 +1,9 @@
-// The few libtorch calls tch does not expose: autocast (bf16 mixed precision, CPU included) and the
-// channels-last memory format.
+// The few libtorch calls tch does not expose: autocast (bf16 mixed precision, CPU included), the
+// channels-last memory format, inference mode and the CUDA bf16 query.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/InferenceMode.h>
 
 extern "C" {
 
@@ -26,6 +28,28 @@ at::Tensor* ivado_to_channels_last(const at::Tensor* tensor) {
         return new at::Tensor(tensor->contiguous(format));
     } catch (...) {
         return nullptr;
+    }
+}
+
+// Enters c10::InferenceMode on this thread (no autograd bookkeeping at all: cheaper than no_grad). The
+// returned guard must be ended on the same thread, innermost first.
+void* ivado_inference_mode_begin() {
+    try {
+        return new c10::InferenceMode(true);
+    } catch (...) {
+        return nullptr;
+    }
+}
+
+void ivado_inference_mode_end(void* guard) { delete static_cast<c10::InferenceMode*>(guard); }
+
+// Whether the current CUDA device runs bf16 convolutions natively (compute capability 8 and cuDNN 8);
+// false without CUDA.
+bool ivado_cuda_bf16_supported() {
+    try {
+        return at::detail::getCUDAHooks().supportsBFloat16ConvolutionWithCuDNNv8();
+    } catch (...) {
+        return false;
     }
 }
 

@@ -1,18 +1,24 @@
-//! `ivado bench segment`: seconds per volume of [`crate::infer::segment_loaded`] on a generated volume
-//! (256 x 256 x 64 by default), with ivadomed's default 2D U-Net on axial slices and a 3D U-Net on
-//! subvolumes, each without and with test-time augmentation (random flips, undone per tile). The table has a
-//! column for ivadomed's figures, measured separately and passed in with `--ivadomed LABEL=SECONDS`.
-use crate::infer::{segment_loaded, LoadedVolume, Sampling, SegmentOptions, VolumeInput};
+//! `ivado bench segment`: seconds per volume of segmentation end to end (read the NIfTI file, tile,
+//! preprocess, forward, undo, stitch, write the mask) on a generated volume (256 x 256 x 64 by default), with
+//! ivadomed's default 2D U-Net on axial slices and a 3D U-Net on subvolumes, each without and with test-time
+//! augmentation (random flips, undone per tile), at the default precision (`auto`) and in fp32 for
+//! comparison. Each row breaks the time down by stage. The table has a column for ivadomed's figures,
+//! measured separately and passed in with `--ivadomed LABEL=SECONDS`, and their ratio to ours.
+use crate::infer::{
+    load_volume, segment_loaded, write_outputs, OutputTarget, Sampling, SegmentOptions, StageTimes,
+    VolumeInput,
+};
 use crate::model_folder::LoadedModel;
 use crate::pipeline::Pipeline;
 use crate::plugin::PluginRegistry;
-use crate::volume::{Reorientation, Volume};
+use crate::precision::Precision;
+use crate::volume::{write_like, OutputType, Reorientation, Volume};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// One benchmarked configuration.
@@ -22,83 +28,142 @@ pub struct SegmentCase {
     pub config: Value,
     pub sampling: Sampling,
     pub tta: usize,
+    /// `None`: `auto`, what `ivado segment` runs by default.
+    pub precision: Option<Precision>,
 }
 
 /// ivadomed's default 2D U-Net (depth 3, 64 filters) on axial slices, and a 3D U-Net (16 filters) on
-/// 128 x 128 x 32 subvolumes, each plain and with `tta` passes.
+/// 128 x 128 x 32 subvolumes, each plain and with `tta` passes at the default precision, then plain in fp32.
 pub fn default_cases(tta: usize) -> Vec<SegmentCase> {
-    let unet2d = || json!({});
-    let unet3d = || json!({"n_filters": 16});
     let slices = Sampling::default();
     let cubes = Sampling::Subvolumes {
         length: [128, 128, 32],
         stride: [128, 128, 32],
     };
+    let case =
+        |label, architecture, config: Value, sampling: &Sampling, tta, precision| SegmentCase {
+            label,
+            architecture,
+            config,
+            sampling: sampling.clone(),
+            tta,
+            precision,
+        };
+    let unet3d = || json!({"n_filters": 16});
     vec![
-        SegmentCase {
-            label: "2d",
-            architecture: "unet2d",
-            config: unet2d(),
-            sampling: slices.clone(),
-            tta: 0,
-        },
-        SegmentCase {
-            label: "2d_tta",
-            architecture: "unet2d",
-            config: unet2d(),
-            sampling: slices,
-            tta,
-        },
-        SegmentCase {
-            label: "3d",
-            architecture: "unet3d",
-            config: unet3d(),
-            sampling: cubes.clone(),
-            tta: 0,
-        },
-        SegmentCase {
-            label: "3d_tta",
-            architecture: "unet3d",
-            config: unet3d(),
-            sampling: cubes,
-            tta,
-        },
+        case("2d", "unet2d", json!({}), &slices, 0, None),
+        case("2d_tta", "unet2d", json!({}), &slices, tta, None),
+        case("3d", "unet3d", unet3d(), &cubes, 0, None),
+        case("3d_tta", "unet3d", unet3d(), &cubes, tta, None),
+        case(
+            "2d_fp32",
+            "unet2d",
+            json!({}),
+            &slices,
+            0,
+            Some(Precision::Fp32),
+        ),
+        case(
+            "3d_fp32",
+            "unet3d",
+            unet3d(),
+            &cubes,
+            0,
+            Some(Precision::Fp32),
+        ),
     ]
 }
 
-/// A random volume of `shape` with an identity affine, as segmentation reads it.
-fn generated_volume(shape: [i64; 3]) -> Result<LoadedVolume> {
+/// Writes a random volume of `shape` with an identity affine to `dir` as NIfTI (f32, gzip), the file the
+/// benchmark reads back in every run.
+fn generated_volume(dir: &Path, shape: [i64; 3]) -> Result<VolumeInput> {
     let affine = [
         [1.0, 0.0, 0.0, 0.0],
         [0.0, 1.0, 0.0, 0.0],
         [0.0, 0.0, 1.0, 0.0],
         [0.0, 0.0, 0.0, 1.0],
     ];
-    let data = Tensor::rand(shape, (Kind::Float, Device::Cpu));
-    let path = PathBuf::from(format!(
+    let path = dir.join(format!(
         "generated_{}x{}x{}.nii.gz",
         shape[0], shape[1], shape[2]
     ));
-    let source = Volume {
+    let data = Tensor::rand(shape, (Kind::Float, Device::Cpu));
+    // 1 mm voxels, the sform the identity: the canonical grid is the file's.
+    let header = nifti::NiftiHeader {
+        dim: [
+            3,
+            shape[0] as u16,
+            shape[1] as u16,
+            shape[2] as u16,
+            1,
+            1,
+            1,
+            1,
+        ],
+        pixdim: [1.0; 8],
+        sform_code: 1,
+        srow_x: [1.0, 0.0, 0.0, 0.0],
+        srow_y: [0.0, 1.0, 0.0, 0.0],
+        srow_z: [0.0, 0.0, 1.0, 0.0],
+        ..nifti::NiftiHeader::default()
+    };
+    let template = Volume {
         data: data.shallow_clone(),
         spacing: [1.0; 3],
         affine,
         reorientation: Reorientation::from_affine(&affine, shape.map(|s| s as usize))?,
-        header: nifti::NiftiHeader::default(),
+        header,
         path: path.clone(),
     };
-    Ok(LoadedVolume {
-        input: VolumeInput {
-            channels: vec![path],
-        },
-        image: data.unsqueeze(0),
-        source,
-        sidecar: BTreeMap::new(),
+    write_like(&template, &data, &path, OutputType::F32)?;
+    Ok(VolumeInput {
+        channels: vec![path],
     })
 }
 
-/// Runs every case `repeats` times after one warm-up and writes the table to `table` row by row (a case takes
-/// minutes on a CPU). `ivadomed` holds ivadomed's seconds per volume by case label, printed beside ours.
+/// Wall time of one end-to-end run, by stage.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunTimes {
+    read: Duration,
+    compute: StageTimes,
+    write: Duration,
+    total: Duration,
+}
+
+/// Reads, segments and writes `input` once, as `ivado segment` does for one volume.
+fn run_once(
+    loaded: &LoadedModel,
+    input: &VolumeInput,
+    options: &SegmentOptions,
+    out: &Path,
+) -> Result<(RunTimes, Precision)> {
+    let start = Instant::now();
+    let volume = load_volume(input)?;
+    let read = start.elapsed();
+    let segmentation = segment_loaded(loaded, &volume, options)?;
+    let written = Instant::now();
+    write_outputs(
+        &loaded.postprocess,
+        &volume.source,
+        &volume.input,
+        &segmentation,
+        &OutputTarget::Folder(out.to_owned()),
+        options,
+    )?;
+    let times = RunTimes {
+        read,
+        compute: segmentation.times,
+        write: written.elapsed(),
+        total: start.elapsed(),
+    };
+    Ok((times, segmentation.precision))
+}
+
+/// Runs every case (or those named in `only`) `repeats` times after one warm-up and writes the table to
+/// `table` row by row (a case takes minutes on a CPU). Each row is the run with the median total; its stage
+/// columns are that run's. `ivadomed` holds ivadomed's seconds per volume by case label, printed beside ours
+/// with the ratio ivadomed / ivado.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     table: &mut dyn Write,
     registry: &PluginRegistry,
@@ -107,15 +172,41 @@ pub fn run(
     tta: usize,
     repeats: usize,
     ivadomed: &BTreeMap<String, f64>,
+    only: &[String],
 ) -> Result<()> {
-    let volume = generated_volume(shape)?;
+    let scratch = std::env::temp_dir().join(format!("ivado-bench-segment-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
+    let result = run_cases(
+        table, registry, device, shape, tta, repeats, ivadomed, only, &scratch,
+    );
+    // Best effort: a leftover scratch folder in the temp dir is harmless.
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_cases(
+    table: &mut dyn Write,
+    registry: &PluginRegistry,
+    device: Device,
+    shape: [i64; 3],
+    tta: usize,
+    repeats: usize,
+    ivadomed: &BTreeMap<String, f64>,
+    only: &[String],
+    scratch: &Path,
+) -> Result<()> {
+    let input = generated_volume(scratch, shape)?;
+    let out = scratch.join("predictions");
     let flips = Pipeline::from_specs(
         registry,
         &[json!({"name": "RandomReverse", "config": {}, "dataset_type": ["training"]})],
     )?;
     writeln!(
         table,
-        "segmentation of a generated {}x{}x{} volume on {} ({} threads), median of {repeats} after 1 warm-up",
+        "segmentation of a generated {}x{}x{} volume (read .nii.gz, segment, write the mask) on {} ({} threads), \
+         median of {repeats} after 1 warm-up; stage columns in seconds",
         shape[0],
         shape[1],
         shape[2],
@@ -124,10 +215,26 @@ pub fn run(
     )?;
     writeln!(
         table,
-        "{:<8} {:<10} {:<32} {:>6} {:>12} {:>14}",
-        "case", "network", "sampling", "passes", "s/volume", "ivadomed s/vol"
+        "{:<8} {:<7} {:<28} {:>6} {:>5} {:>9} {:>6} {:>6} {:>8} {:>6} {:>6} {:>6} {:>9} {:>7}",
+        "case",
+        "network",
+        "sampling",
+        "passes",
+        "prec",
+        "s/volume",
+        "read",
+        "prep",
+        "forward",
+        "undo",
+        "finish",
+        "write",
+        "ivadomed",
+        "speedup"
     )?;
     for case in default_cases(tta) {
+        if !only.is_empty() && !only.iter().any(|label| label == case.label) {
+            continue;
+        }
         let model = registry
             .model(case.architecture, &case.config, device)
             .with_context(|| format!("building {}", case.architecture))?;
@@ -140,32 +247,44 @@ pub fn run(
         let options = SegmentOptions {
             device,
             tta: case.tta,
+            precision: case.precision,
             batch_size: 16,
             ..SegmentOptions::default()
         };
-        let mut seconds = Vec::with_capacity(repeats);
+        let mut runs = Vec::with_capacity(repeats);
+        let mut precision = Precision::Fp32;
         for run in 0..=repeats {
-            let start = Instant::now();
-            segment_loaded(&loaded, &volume, &options)?;
+            let (times, used) = run_once(&loaded, &input, &options, &out)?;
+            precision = used;
             if run > 0 {
-                seconds.push(start.elapsed().as_secs_f64());
+                runs.push(times);
             }
         }
-        seconds.sort_by(f64::total_cmp);
-        let median = seconds[seconds.len() / 2];
-        let reference = ivadomed
-            .get(case.label)
-            .map(|s| format!("{s:.2}"))
-            .unwrap_or_else(|| "-".into());
+        runs.sort_by_key(|run| run.total);
+        let median = runs[runs.len() / 2];
+        let seconds = median.total.as_secs_f64();
+        let (reference, ratio) = match ivadomed.get(case.label) {
+            Some(s) => (format!("{s:.2}"), format!("{:.1}x", s / seconds)),
+            None => ("-".into(), "-".into()),
+        };
+        let s = |d: Duration| d.as_secs_f64();
         writeln!(
             table,
-            "{:<8} {:<10} {:<32} {:>6} {:>12.2} {:>14}",
+            "{:<8} {:<7} {:<28} {:>6} {:>5} {:>9.2} {:>6.2} {:>6.2} {:>8.2} {:>6.2} {:>6.2} {:>6.2} {:>9} {:>7}",
             case.label,
             case.architecture,
             case.sampling.to_section().to_string(),
             case.tta.max(1),
-            median,
-            reference
+            precision.name(),
+            seconds,
+            s(median.read),
+            s(median.compute.preprocess),
+            s(median.compute.forward),
+            s(median.compute.undo_stitch),
+            s(median.compute.finish),
+            s(median.write),
+            reference,
+            ratio
         )?;
         table.flush()?;
     }

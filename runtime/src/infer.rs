@@ -18,7 +18,7 @@ use crate::bids::{BidsIndex, BidsQuery};
 use crate::channels::{FilmEncoder, MriParams};
 use crate::model_folder::LoadedModel;
 use crate::pipeline::{derive_seed, Phase, Pipeline};
-use crate::precision::{autocast, Precision};
+use crate::precision::{autocast, inference_mode, Precision, PrecisionSource};
 use crate::tiling::{SliceAxis, Stitcher, TileGrid, Weighting};
 use crate::uncertainty;
 use crate::volume::{read_volume, write_like, OutputType, Volume};
@@ -28,6 +28,7 @@ use ivado_sdk::{Mode, Sample};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// How a volume is cut into the tiles the network sees.
@@ -36,7 +37,7 @@ pub enum Sampling {
     /// Whole 2D slices along `axis` (ivadomed's default, with `slice_axis`).
     Slices { axis: SliceAxis },
     /// 2D patches of `length` every `stride` pixels within each slice along `axis` (ivadomed's `length_2D`,
-    /// `stride_2D`); in-plane axes in increasing order.
+    /// `stride_2D`), as (height, width) of the slice oriented as in training ([`crate::sampling::plane_axes`]).
     Patches2d {
         axis: SliceAxis,
         length: [i64; 2],
@@ -130,6 +131,29 @@ impl Sampling {
         Ok(Sampling::Slices { axis })
     }
 
+    /// The tiling that cuts the windows training cut with `mode` (what training records in the model folder's
+    /// `inference` section).
+    pub fn from_training(mode: &crate::sampling::SamplingMode) -> Sampling {
+        use crate::sampling::SamplingMode;
+        match mode {
+            SamplingMode::Slices { axis } => Sampling::Slices { axis: *axis },
+            SamplingMode::Patches2D {
+                axis,
+                length,
+                stride,
+            } => Sampling::Patches2d {
+                axis: *axis,
+                length: *length,
+                stride: *stride,
+            },
+            SamplingMode::Subvolumes { length, stride } => Sampling::Subvolumes {
+                length: *length,
+                stride: *stride,
+            },
+            SamplingMode::Volume => Sampling::Whole,
+        }
+    }
+
     /// The `inference` section that [`Sampling::from_model`] reads back as `self`.
     pub fn to_section(&self) -> Value {
         match self {
@@ -156,15 +180,10 @@ impl Sampling {
         }
     }
 
-    /// The tile grid over a canonical [X, Y, Z] volume. 2D tiles are 1 voxel thick along the slice axis.
+    /// The tile grid over a canonical [X, Y, Z] volume. 2D tiles are 1 voxel thick along the slice axis;
+    /// 2D patch lengths are (height, width) of the oriented slice, as in training
+    /// ([`crate::sampling::plane_axes`]).
     pub fn grid(&self, shape: [i64; 3]) -> Result<TileGrid> {
-        let in_plane = |axis: SliceAxis| -> [usize; 2] {
-            match axis {
-                SliceAxis::Sagittal => [1, 2],
-                SliceAxis::Coronal => [0, 2],
-                SliceAxis::Axial => [0, 1],
-            }
-        };
         let (tile, stride) = match self {
             Sampling::Slices { axis } => {
                 let mut tile = shape;
@@ -178,7 +197,7 @@ impl Sampling {
             } => {
                 let mut tile = [1; 3];
                 let mut step = [1; 3];
-                for (k, a) in in_plane(*axis).into_iter().enumerate() {
+                for (k, a) in crate::sampling::plane_axes(*axis).into_iter().enumerate() {
                     tile[a] = length[k];
                     step[a] = stride[k];
                 }
@@ -279,7 +298,9 @@ pub struct SegmentOptions {
     pub gaussian: bool,
     pub batch_size: usize,
     pub device: Device,
-    pub precision: Precision,
+    /// The forward's precision; `None` (`auto`): the model folder's `inference.precision`, else bf16 where
+    /// the device computes bf16 natively, else fp32 ([`crate::precision::resolve`]).
+    pub precision: Option<Precision>,
     /// Keep the stitching buffers in host memory (each batch's output is copied back).
     pub stitch_on_cpu: bool,
     /// Test-time augmentation passes (0: none).
@@ -304,7 +325,7 @@ impl Default for SegmentOptions {
             gaussian: false,
             batch_size: 16,
             device: Device::Cpu,
-            precision: Precision::Fp32,
+            precision: None,
             stitch_on_cpu: false,
             tta: 0,
             mc_dropout: 0,
@@ -395,13 +416,15 @@ pub fn options_from_json(value: &Value, device: Device) -> Result<(SegmentOption
         }
     };
     let precision = match map.get("precision") {
-        None => Precision::Fp32,
-        Some(v) => Precision::parse(
+        None => None,
+        Some(v) => Precision::parse_request(
             v.as_str()
                 .ok_or_else(|| anyhow!("segment: `precision` must be a string"))?,
         )?,
     };
-    precision.check(device)?;
+    if let Some(precision) = precision {
+        precision.check(device)?;
+    }
     let slice_axis = match map.get("slice_axis") {
         None => None,
         Some(v) => Some(parse_axis(v)?),
@@ -649,6 +672,83 @@ pub struct Segmentation {
     pub soft: Tensor,
     /// The N passes (TTA / MC dropout), same shapes as `soft`; one entry without uncertainty.
     pub samples: Vec<Tensor>,
+    /// Where the compute time went, summed over the passes.
+    pub times: StageTimes,
+    /// The precision the forward ran in.
+    pub precision: Precision,
+}
+
+/// Wall time of the compute stages of one volume's segmentation, summed over its passes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimes {
+    /// Cutting tiles and running the preprocessing on each.
+    pub preprocess: Duration,
+    /// Stacking batches, the network, and the output back to f32.
+    pub forward: Duration,
+    /// Undoing the preprocessing on each predicted tile and adding it to the stitched volume.
+    pub undo_stitch: Duration,
+    /// Averaging the stitched volume, the passes, and copying the result out.
+    pub finish: Duration,
+}
+
+impl StageTimes {
+    pub fn add(&mut self, other: &StageTimes) {
+        self.preprocess += other.preprocess;
+        self.forward += other.forward;
+        self.undo_stitch += other.undo_stitch;
+        self.finish += other.finish;
+    }
+}
+
+/// The model folder's pinned forward precision (`inference.precision`), if any.
+pub fn pinned_precision(description: &Value) -> Result<Option<Precision>> {
+    match &description[INFERENCE_SECTION]["precision"] {
+        Value::Null => Ok(None),
+        Value::String(text) => Precision::parse(text)
+            .map(Some)
+            .context("model folder `inference.precision`"),
+        other => {
+            bail!("model folder `inference.precision` must be fp32, bf16 or fp16, got {other}")
+        }
+    }
+}
+
+/// The precision `options` run `loaded` in, and why.
+pub fn resolve_precision(
+    loaded: &LoadedModel,
+    options: &SegmentOptions,
+) -> Result<(Precision, PrecisionSource)> {
+    crate::precision::resolve(
+        options.precision,
+        pinned_precision(&loaded.description)?,
+        options.device,
+    )
+}
+
+/// The tiling `options` cut volumes with for `loaded`.
+pub fn resolve_sampling(loaded: &LoadedModel, options: &SegmentOptions) -> Result<Sampling> {
+    options
+        .sampling
+        .apply(&Sampling::from_model(&loaded.description)?)
+}
+
+/// One line for the log: the tiling and the precision, and where the precision came from.
+pub fn describe_plan(loaded: &LoadedModel, options: &SegmentOptions) -> Result<String> {
+    let sampling = resolve_sampling(loaded, options)?;
+    let (precision, source) = resolve_precision(loaded, options)?;
+    let why = match source {
+        PrecisionSource::Requested => "requested",
+        PrecisionSource::ModelFolder => "pinned by the model folder",
+        PrecisionSource::Hardware if precision == Precision::Bf16 => {
+            "auto: native bf16 on this device"
+        }
+        PrecisionSource::Hardware => "auto: no native bf16 on this device",
+    };
+    Ok(format!(
+        "tiling {}, precision {} ({why})",
+        sampling.to_section(),
+        precision.name()
+    ))
 }
 
 /// The pipeline test-time augmentation applies: every step that runs in training (ivadomed applies its
@@ -694,19 +794,36 @@ struct Pass<'a> {
     spacing: Vec<f64>,
     metadata: Option<&'a Tensor>,
     options: &'a SegmentOptions,
+    precision: Precision,
+    /// Feed the network channels-last batches (its weights were converted too).
+    channels_last: bool,
     mode: Mode,
     seed: u64,
     stitcher: Option<Stitcher>,
     progress: &'a ProgressBar,
+    times: StageTimes,
+}
+
+/// Whether 2D tiles along `axis` are transposed to training's (height, width) orientation: after dropping
+/// the slice axis the in-plane axes are in increasing order, training puts [`crate::sampling::plane_axes`]
+/// first.
+fn transposed(axis: SliceAxis) -> bool {
+    let [height, width] = crate::sampling::plane_axes(axis);
+    height > width
 }
 
 impl Pass<'_> {
-    fn run(mut self, volume: &Tensor) -> Result<Tensor> {
+    /// The stitched volume `[K, X, Y, Z]` and the time each stage took.
+    fn run(mut self, volume: &Tensor) -> Result<(Tensor, StageTimes)> {
+        let started = Instant::now();
         let tiles = self.grid.extract(volume)?;
+        self.times.preprocess += started.elapsed();
         let batch_size = self.options.batch_size.max(1);
         let mut pending: Vec<PendingTile> = Vec::with_capacity(batch_size);
         for (index, tile) in tiles.iter().enumerate() {
+            let started = Instant::now();
             let tile = match self.axis {
+                Some(axis) if transposed(axis) => tile.select(1 + axis.index(), 0).transpose(1, 2),
                 Some(axis) => tile.select(1 + axis.index(), 0),
                 None => tile.shallow_clone(),
             };
@@ -718,6 +835,7 @@ impl Pass<'_> {
                 .apply_in(Phase::Testing, sample, derive_seed(self.seed, index as u64))
                 .with_context(|| format!("preprocessing tile {index}"))?;
             let image = sample.get("image")?.shallow_clone();
+            self.times.preprocess += started.elapsed();
             if pending
                 .first()
                 .is_some_and(|first| first.image.size() != image.size())
@@ -735,17 +853,26 @@ impl Pass<'_> {
             }
         }
         self.flush(&mut pending)?;
+        let started = Instant::now();
         let stitcher = self.stitcher.context("the volume has no tiles")?;
-        stitcher.finish()
+        let stitched = stitcher.finish()?;
+        self.times.finish += started.elapsed();
+        Ok((stitched, self.times))
     }
 
     fn flush(&mut self, pending: &mut Vec<PendingTile>) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let device = self.options.device;
         let images: Vec<&Tensor> = pending.iter().map(|p| &p.image).collect();
         let batch = Tensor::f_stack(&images, 0)?.f_to_device(device)?;
+        let batch = if self.channels_last {
+            crate::precision::channels_last(&batch)?
+        } else {
+            batch
+        };
         let count = pending.len() as i64;
         let metadata = match self.metadata {
             Some(vector) => Some(
@@ -760,8 +887,8 @@ impl Pass<'_> {
         if let Some(metadata) = &metadata {
             inputs.push(metadata);
         }
-        let (model, mode, precision) = (&self.loaded.model, self.mode, self.options.precision);
-        let output = tch::no_grad(|| autocast(precision, device, || model.forward(&inputs, mode)))?;
+        let (model, mode, precision) = (&self.loaded.model, self.mode, self.precision);
+        let output = autocast(precision, device, || model.forward(&inputs, mode))?;
         let output = output.f_to_kind(Kind::Float)?;
         let output = if self.options.stitch_on_cpu {
             output.f_to_device(Device::Cpu)?
@@ -773,6 +900,8 @@ impl Pass<'_> {
             "the model returned {:?} for a batch of {count}",
             output.size()
         );
+        self.times.forward += started.elapsed();
+        let started = Instant::now();
         for (b, tile) in pending.drain(..).enumerate() {
             let mut sample = Sample {
                 tensors: Default::default(),
@@ -785,6 +914,9 @@ impl Pass<'_> {
                 .with_context(|| format!("undoing the preprocessing on tile {}", tile.index))?;
             let prediction = restored.get("prediction")?.shallow_clone();
             let prediction = match self.axis {
+                Some(axis) if transposed(axis) => prediction
+                    .f_transpose(1, 2)?
+                    .f_unsqueeze(1 + axis.index())?,
                 Some(axis) => prediction.f_unsqueeze(1 + axis.index())?,
                 None => prediction,
             };
@@ -806,6 +938,7 @@ impl Pass<'_> {
             }
             self.progress.inc(1);
         }
+        self.times.undo_stitch += started.elapsed();
         Ok(())
     }
 }
@@ -888,9 +1021,15 @@ pub fn segment_loaded(
         volume.source.path.display()
     );
     let passes = options.passes()?;
-    let sampling = options
-        .sampling
-        .apply(&Sampling::from_model(&loaded.description)?)?;
+    let sampling = resolve_sampling(loaded, options)?;
+    let (precision, _) = resolve_precision(loaded, options)?;
+    // oneDNN's bf16 convolutions are fast on channels-last data only (measured: plain-layout bf16 is no
+    // faster than fp32 for the 2D U-Net); fp32 gains nothing from it. The weights convert in place (same
+    // values), once: converting already channels-last weights copies nothing.
+    let channels_last = precision == Precision::Bf16 && options.device == Device::Cpu;
+    if channels_last {
+        crate::precision::to_channels_last(&loaded.model.parameters)?;
+    }
     let shape = volume.source.data.size();
     let grid = sampling.grid([shape[0], shape[1], shape[2]])?;
     let axis = sampling.slice_axis();
@@ -920,8 +1059,9 @@ pub fn segment_loaded(
         &volume.input.stem(),
     );
     let mut samples = Vec::with_capacity(passes);
+    let mut times = StageTimes::default();
     for pass in 0..passes {
-        let stitched = Pass {
+        let pass_run = Pass {
             loaded,
             pipeline: &pipeline,
             grid: &grid,
@@ -929,13 +1069,17 @@ pub fn segment_loaded(
             spacing: tile_spacing(&volume.source.spacing, axis),
             metadata: metadata.as_ref(),
             options,
+            precision,
+            channels_last,
             mode,
             seed: derive_seed(options.seed, pass as u64),
             stitcher: None,
             progress: &progress,
-        }
-        .run(&image)
-        .map_err(|e| explain_out_of_memory(e, options))
+            times: StageTimes::default(),
+        };
+        // The whole pass (preprocessing, forward, undo, stitching) records no autograd state.
+        let (stitched, pass_times) = inference_mode(|| pass_run.run(&image))
+            .map_err(|e| explain_out_of_memory(e, options))
         .with_context(|| {
             let what = if options.tta > 0 {
                 " (test-time augmentation: every spatial training augmentation must be undoable)"
@@ -948,20 +1092,32 @@ pub fn segment_loaded(
                 pass + 1
             )
         })?;
-        let stitched = stitched.to_device(Device::Cpu);
+        times.add(&pass_times);
+        let started = Instant::now();
+        // An ordinary tensor again (inference tensors cannot be modified in place, which post-processing
+        // may do); on the CPU `to_device` is a no-op, so this copy is the only one.
+        let stitched = stitched.f_to_device(Device::Cpu)?.copy();
         samples.push(if stitched.size()[0] == 1 {
             stitched.squeeze_dim(0)
         } else {
             stitched
         });
+        times.finish += started.elapsed();
     }
     progress.finish_and_clear();
+    let started = Instant::now();
     let soft = if samples.len() == 1 {
         samples[0].shallow_clone()
     } else {
         Tensor::stack(&samples, 0).mean_dim(0, false, Kind::Float)
     };
-    Ok(Segmentation { soft, samples })
+    times.finish += started.elapsed();
+    Ok(Segmentation {
+        soft,
+        samples,
+        times,
+        precision,
+    })
 }
 
 /// Soft prediction for `image_path` in the source's canonical grid: `[X, Y, Z]` for one class, `[K, X, Y, Z]`
@@ -1369,6 +1525,12 @@ pub fn segment_inputs(
             inputs.len()
         );
     }
+    tracing::info!(
+        "segmenting {} volume(s) with {}: {}",
+        inputs.len(),
+        loaded.model.architecture,
+        describe_plan(loaded, options)?
+    );
     let postprocess_steps = loaded.postprocess.clone();
     std::thread::scope(|scope| -> Result<Vec<Vec<PathBuf>>> {
         let (load_tx, load_rx) = std::sync::mpsc::sync_channel::<Result<LoadedVolume>>(1);

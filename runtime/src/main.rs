@@ -194,8 +194,9 @@ struct SegmentArgs {
     /// Tiles per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// Forward precision: fp32, bf16 or fp16 (CUDA).
-    #[arg(long, default_value = "fp32")]
+    /// Forward precision: auto (the model folder's `inference.precision`, else bf16 on a CPU or GPU with
+    /// native bf16, else fp32), fp32, bf16 or fp16 (CUDA).
+    #[arg(long, default_value = "auto")]
     precision: String,
     /// Keep the stitching buffers in host memory.
     #[arg(long)]
@@ -269,12 +270,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         repeats: usize,
         /// ivadomed's seconds per volume for a case, printed beside ours: LABEL=SECONDS (2d, 2d_tta, 3d,
-        /// 3d_tta); repeatable.
+        /// 3d_tta, 2d_fp32, 3d_fp32); repeatable.
         #[arg(long = "ivadomed", value_name = "LABEL=SECONDS")]
         ivadomed: Vec<String>,
         /// libtorch intra-op threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
+        /// Only this case (2d, 2d_tta, 3d, 3d_tta, 2d_fp32, 3d_fp32); repeatable. Default: all.
+        #[arg(long = "case", value_name = "LABEL")]
+        cases: Vec<String>,
     },
     /// Samples/s of the training augmentation pipeline on 2D slices and 3D subvolumes, 1 and T workers.
     Augment {
@@ -421,8 +425,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Segment(args) => {
             let registry = PluginRegistry::discover(&search);
             let loaded = model_folder::load(&args.model, &registry, device)?;
-            let precision = ivado_runtime::precision::Precision::parse(&args.precision)?;
-            precision.check(device)?;
+            let precision = ivado_runtime::precision::Precision::parse_request(&args.precision)?;
+            if let Some(precision) = precision {
+                precision.check(device)?;
+            }
             let options = infer::SegmentOptions {
                 sampling: infer::SamplingOverride {
                     slice_axis: args
@@ -691,6 +697,7 @@ fn run(cli: Cli) -> Result<()> {
                     repeats,
                     ivadomed,
                     threads,
+                    cases,
                 },
         } => {
             let registry = PluginRegistry::discover(&search);
@@ -721,6 +728,7 @@ fn run(cli: Cli) -> Result<()> {
                 tta,
                 repeats.max(1),
                 &reference,
+                &cases,
             )
         }
         Command::PreviewTransforms {

@@ -946,10 +946,14 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Adds the optional model folder sections this run has (the FiLM metadata encoder) to a saved folder.
+    /// Adds the optional model folder sections this run has (the FiLM metadata encoder, the inference
+    /// tiling) to a saved folder.
     fn write_sections(&self, dir: &Path) -> Result<()> {
         if let Some(encoder) = &self.config.metadata_encoder {
             model_folder::set_section(dir, crate::channels::METADATA_ENCODER_SECTION, encoder)?;
+        }
+        if let Some(section) = inference_section(&self.data)? {
+            model_folder::set_section(dir, crate::infer::INFERENCE_SECTION, &section)?;
         }
         Ok(())
     }
@@ -1120,4 +1124,23 @@ pub fn train(
 /// Sets libtorch's global seed so weight initialisation repeats for the same seed.
 pub fn seed_everything(seed: u64) {
     tch::manual_seed(seed as i64);
+}
+
+/// The model folder's `inference` section: the tiling that cuts the windows this run trained on (its
+/// `data.sampling` record), so `ivado segment` sees volumes as the network did in training (a 3D U-Net
+/// trained on subvolumes is segmented in subvolumes, not axial slices). `None` when the run recorded no
+/// sampling.
+fn inference_section(data: &Value) -> Result<Option<Value>> {
+    let record = &data["sampling"];
+    if record.is_null() {
+        return Ok(None);
+    }
+    let sampling = if record["mode"] == "volume" {
+        crate::infer::Sampling::Whole
+    } else {
+        let options = crate::data::SamplingOptions::from_json(record)
+            .context("the run's `data.sampling` record")?;
+        crate::infer::Sampling::from_training(&options.mode)
+    };
+    Ok(Some(sampling.to_section()))
 }
