@@ -15,7 +15,7 @@ testing set and averages the predictions. The TTA rows do the same through segme
 testing transforms include RandomReverse, segmented `--tta` times, predictions averaged.
 
 Run with the venv made by setup.sh:
-  ~/.cache/ivado/ivadomed-venv/bin/python scripts/ivadomed/segment_bench.py [--repeats 1] [--tta 2]
+  ~/.cache/ivado/ivadomed-venv/bin/python scripts/ivadomed/segment_bench.py [--repeats 1] [--warmup 1] [--tta 2]
 The last line is the `ivado bench segment --ivadomed ...` arguments to paste.
 """
 
@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 # torch >= 2.6 loads with weights_only=True by default; ivadomed saves and loads whole pickled models
@@ -64,6 +65,12 @@ class Timer:
                 self.seconds += time.perf_counter() - start
 
         return timed
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process (all its threads)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def write_volume(path, shape, seed):
@@ -117,7 +124,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="256,256,64", help="volume shape X,Y,Z (default 256,256,64)")
     parser.add_argument("--tta", type=int, default=2, help="passes of the TTA rows (default 2, as ivado's bench)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case after 1 warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case before them (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--workdir", help="where the volume and model folders go (default: a temporary folder)")
@@ -129,8 +137,11 @@ def main():
     if unknown:
         sys.exit(f"--cases: unknown case(s) {unknown}; known: {list(CASES)}")
     torch.set_num_threads(args.threads)
-    logger.remove()  # ivadomed logs a line per call at INFO; keep the table readable
-    logger.add(sys.stderr, level="WARNING")
+    # ivadomed logs lines per call (INFO, and a WARNING that no ROI was given); keep the table readable.
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
 
     # Model forward time (inside get_preds, which also torch.load()s the model for every batch).
     forward_timer, get_preds_timer = Timer(), Timer()
@@ -147,28 +158,34 @@ def main():
 
     print(
         f"ivadomed segment_volume on a generated {'x'.join(map(str, shape))} volume, CPU, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats} after 1 warm-up"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"median of {args.repeats} after {args.warmup} warm-up"
     )
     print(f"(reading the uncompressed NIfTI once: {read_seconds:.2f} s, included below; ivado's bench excludes it)")
-    print(f"{'case':<8} {'passes':>6} {'s/volume':>10} {'forward s':>10} {'load+fwd s':>11} {'rest s':>8}")
+    print("forward: Unet.forward; load+fwd: inference.get_preds (torch.load of the model per batch + forward);")
+    print("rest: s/volume - load+fwd (reading, slicing, transforms, undo, reassembly); CPU s: this process, user+sys")
+    print(f"{'case':<8} {'passes':>6} {'s/volume':>10} {'CPU s':>8} {'forward s':>10} {'load+fwd s':>11} {'rest s':>8}")
     medians = {}
     for label in labels:
         is_2d, n_filters, length_3d, tta = CASES[label]
         passes = args.tta if tta else 1
         folder = write_model_folder(workdir, label, is_2d, n_filters, length_3d, tta)
         runs = []
-        for run in range(args.repeats + 1):
+        for run in range(args.warmup + args.repeats):
             forward_timer.seconds = get_preds_timer.seconds = 0.0
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds()
             prediction = segment_once(folder, volume, passes)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
             if prediction.shape != shape:
                 sys.exit(f"{label}: prediction shape {prediction.shape} != volume shape {shape}")
-            if run > 0:
-                runs.append((elapsed, forward_timer.seconds, get_preds_timer.seconds))
-        total, forward, get_preds = sorted(runs)[len(runs) // 2]
+            if run >= args.warmup:
+                runs.append((elapsed, cpu, forward_timer.seconds, get_preds_timer.seconds))
+        total, cpu, forward, get_preds = sorted(runs)[len(runs) // 2]
         medians[label] = total
-        print(f"{label:<8} {passes:>6} {total:>10.2f} {forward:>10.2f} {get_preds:>11.2f} {total - get_preds:>8.2f}")
+        print(
+            f"{label:<8} {passes:>6} {total:>10.2f} {cpu:>8.2f} {forward:>10.2f} {get_preds:>11.2f} "
+            f"{total - get_preds:>8.2f}"
+        )
         sys.stdout.flush()
     print("summary: " + " ".join(f"--ivadomed {label}={seconds:.2f}" for label, seconds in medians.items()))
 
