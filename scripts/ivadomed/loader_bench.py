@@ -16,7 +16,7 @@ Rates per wall second and per CPU-second of this process (what other load on the
 
 Run with the venv made by setup.sh, on the dataset `ivado bench loader` generated (the same folder):
   ~/.cache/ivado/ivadomed-venv/bin/python scripts/ivadomed/loader_bench.py \
-      --data /tmp/ivado-bench-loader-data --subjects 10
+      --data /tmp/ivado-bench-loader-data --subjects 50
 """
 
 import argparse
@@ -69,7 +69,9 @@ def cpu_seconds():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="/tmp/ivado-bench-loader-data", help="BIDS folder of `ivado bench loader`")
-    parser.add_argument("--subjects", type=int, default=10, help="first N subjects (sorted) to load (default 10)")
+    parser.add_argument(
+        "--subjects", type=int, default=50, help="first N subjects (sorted) to load (default 50, as ivado's bench)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32, as ivado's bench)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, one process)")
     args = parser.parse_args()
