@@ -1,7 +1,8 @@
 //! `ivado bench segment`: seconds per volume of [`crate::infer::segment_loaded`] on a generated volume
 //! (256 x 256 x 64 by default), with ivadomed's default 2D U-Net on axial slices and a 3D U-Net on
-//! subvolumes, each without and with test-time augmentation (random flips, undone per tile). The table has a
-//! column for ivadomed's figures, measured separately and passed in with `--ivadomed LABEL=SECONDS`.
+//! subvolumes, each without and with test-time augmentation (random flips, undone per tile). The table has
+//! columns for ivadomed's figures, measured separately by scripts/ivadomed/segment_bench.py and passed in with
+//! `--ivadomed LABEL=SECONDS`, and for how many times faster ivado is.
 use crate::infer::{segment_loaded, LoadedVolume, Sampling, SegmentOptions, VolumeInput};
 use crate::model_folder::LoadedModel;
 use crate::pipeline::Pipeline;
@@ -122,12 +123,20 @@ pub fn run(
         crate::device::describe(device),
         tch::get_num_threads()
     )?;
+    let cases = default_cases(tta);
+    if let Some(unknown) = ivadomed
+        .keys()
+        .find(|label| !cases.iter().any(|case| case.label == label.as_str()))
+    {
+        let known: Vec<_> = cases.iter().map(|case| case.label).collect();
+        anyhow::bail!("--ivadomed {unknown}=...: no such case; the cases are {known:?}");
+    }
     writeln!(
         table,
-        "{:<8} {:<10} {:<32} {:>6} {:>12} {:>14}",
-        "case", "network", "sampling", "passes", "s/volume", "ivadomed s/vol"
+        "{:<8} {:<10} {:<32} {:>6} {:>12} {:>14} {:>11}",
+        "case", "network", "sampling", "passes", "s/volume", "ivadomed s/vol", "x ivadomed"
     )?;
-    for case in default_cases(tta) {
+    for case in cases {
         let model = registry
             .model(case.architecture, &case.config, device)
             .with_context(|| format!("building {}", case.architecture))?;
@@ -153,19 +162,21 @@ pub fn run(
         }
         seconds.sort_by(f64::total_cmp);
         let median = seconds[seconds.len() / 2];
-        let reference = ivadomed
-            .get(case.label)
-            .map(|s| format!("{s:.2}"))
-            .unwrap_or_else(|| "-".into());
+        // ivadomed's seconds and how many times faster ivado is (ivadomed s / ivado s), when measured.
+        let (reference, speedup) = match ivadomed.get(case.label) {
+            Some(seconds) => (format!("{seconds:.2}"), format!("{:.1}", seconds / median)),
+            None => ("-".into(), "-".into()),
+        };
         writeln!(
             table,
-            "{:<8} {:<10} {:<32} {:>6} {:>12.2} {:>14}",
+            "{:<8} {:<10} {:<32} {:>6} {:>12.2} {:>14} {:>11}",
             case.label,
             case.architecture,
             case.sampling.to_section().to_string(),
             case.tta.max(1),
             median,
-            reference
+            reference,
+            speedup
         )?;
         table.flush()?;
     }
