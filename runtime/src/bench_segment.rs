@@ -98,6 +98,18 @@ fn generated_volume(shape: [i64; 3]) -> Result<LoadedVolume> {
     })
 }
 
+/// The `ivadomed s/vol` and `x ivadomed` cells of a row: ivadomed's seconds and how many times faster ivado
+/// is (ivadomed's seconds over ours), or dashes when ivadomed was not measured.
+fn comparison_columns(ivadomed_seconds: Option<f64>, seconds: f64) -> (String, String) {
+    match ivadomed_seconds {
+        Some(reference) => (
+            format!("{reference:.2}"),
+            format!("{:.1}", reference / seconds),
+        ),
+        None => ("-".into(), "-".into()),
+    }
+}
+
 /// Runs every case `repeats` times after one warm-up and writes the table to `table` row by row (a case takes
 /// minutes on a CPU). `ivadomed` holds ivadomed's seconds per volume by case label, printed beside ours.
 pub fn run(
@@ -162,11 +174,7 @@ pub fn run(
         }
         seconds.sort_by(f64::total_cmp);
         let median = seconds[seconds.len() / 2];
-        // ivadomed's seconds and how many times faster ivado is (ivadomed s / ivado s), when measured.
-        let (reference, speedup) = match ivadomed.get(case.label) {
-            Some(seconds) => (format!("{seconds:.2}"), format!("{:.1}", seconds / median)),
-            None => ("-".into(), "-".into()),
-        };
+        let (reference, speedup) = comparison_columns(ivadomed.get(case.label).copied(), median);
         writeln!(
             table,
             "{:<8} {:<10} {:<32} {:>6} {:>12.2} {:>14} {:>11}",
@@ -181,4 +189,27 @@ pub fn run(
         table.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comparison_columns;
+
+    #[test]
+    fn comparison_columns_print_ivadomed_seconds_and_the_speedup() {
+        // 322.04 s for ivadomed against 40.25 s for ivado: 322.04 / 40.25 = 8.0009..., printed to one decimal.
+        assert_eq!(
+            comparison_columns(Some(322.04), 40.25),
+            ("322.04".to_owned(), "8.0".to_owned())
+        );
+        // Slower than ivadomed reads below 1: 5 / 13.47 = 0.371...
+        assert_eq!(
+            comparison_columns(Some(5.0), 13.47),
+            ("5.00".to_owned(), "0.4".to_owned())
+        );
+        assert_eq!(
+            comparison_columns(None, 1.0),
+            ("-".to_owned(), "-".to_owned())
+        );
+    }
 }
