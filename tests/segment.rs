@@ -600,35 +600,11 @@ fn dice(a: &Tensor, b: &Tensor) -> f64 {
 /// leaves behind do not change a later fp32 run.
 #[test]
 fn bf16_segments_a_real_volume_like_fp32() {
-    let root = shared_data("data_functional_testing");
-    let contrasts = vec!["T2w".to_owned()];
-    let index = BidsIndex::scan(
-        &root,
-        &BidsQuery {
-            target_suffix: "_seg-manual",
-            contrasts: Some(&contrasts),
-        },
-    )
-    .unwrap();
+    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
     let registry = registry();
-    let pipeline = Pipeline::from_specs(
-        &registry,
-        &[
-            json!({"name": "CenterCrop", "config": {"size": [64, 64]}}),
-            json!({"name": "NormalizeInstance", "config": {}}),
-        ],
-    )
-    .unwrap();
-    let train_set = SliceSet::build(&[t2w(&index, "sub-unf01")], &pipeline, 0).unwrap();
-    let valid_set = SliceSet::build(&[t2w(&index, "sub-unf02")], &pipeline, 0).unwrap();
-    seed_everything(1);
-    let model = registry
-        .model(
-            "unet2d",
-            &json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
-            Device::Cpu,
-        )
-        .unwrap();
+    let pipeline = crop_and_normalise(&registry, [64, 64]);
+    let train_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf01")], &pipeline, 0).unwrap();
+    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf02")], &pipeline, 0).unwrap();
     let out = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         epochs: 6,
@@ -636,18 +612,20 @@ fn bf16_segments_a_real_volume_like_fp32() {
         seed: 1,
         ..TrainConfig::new(out.path(), Device::Cpu)
     };
-    let report = train(
-        &model,
+    let (_, report) = train_small_model(
+        &registry,
+        (
+            "unet2d",
+            json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
+        ),
         &pipeline,
-        &train_set,
-        &valid_set,
+        (&train_set, &valid_set),
         &json!({}),
         &config,
         None,
-    )
-    .unwrap();
+    );
     let loaded = model_folder::load(&report.model_dir, &registry, Device::Cpu).unwrap();
-    let volume = infer::load_volume(&one(t2w(&index, "sub-unf03").image)).unwrap();
+    let volume = infer::load_volume(&one(t2w_entry(&entries, "sub-unf03").image)).unwrap();
     let run = |precision| {
         let options = SegmentOptions {
             precision: Some(precision),
@@ -748,12 +726,12 @@ let report = train(model, #{{
     };
     assert!(log.contains(auto), "{log}");
     let (explicit_soft, _) = segment("explicit", &["--patch", "32,32,16", "--stride", "24,24,16"]);
-    let (a, b) = (raw_values(&default_soft), raw_values(&explicit_soft));
+    let (a, b) = (nifti_voxels(&default_soft), nifti_voxels(&explicit_soft));
     assert_eq!(a.len(), 131 * 141 * 16);
     assert!(a == b, "the default tiling is not the recorded subvolumes");
     // Other subvolumes give another map (the comparison above can tell tilings apart).
     let (other_soft, _) = segment("other", &["--patch", "32,32,16", "--stride", "32,32,16"]);
-    assert!(raw_values(&other_soft) != a);
+    assert!(nifti_voxels(&other_soft) != a);
     // A precision pinned in the folder wins over auto, and the log says so.
     let mut pinned = saved["inference"].clone();
     pinned["precision"] = json!("fp32");

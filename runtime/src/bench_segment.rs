@@ -121,6 +121,18 @@ fn generated_volume(dir: &Path, shape: [i64; 3]) -> Result<VolumeInput> {
     })
 }
 
+/// The `ivadomed s/vol` and `x ivadomed` cells of a row: ivadomed's seconds and how many times faster ivado
+/// is (ivadomed's seconds over ours), or dashes when ivadomed was not measured.
+fn comparison_columns(ivadomed_seconds: Option<f64>, seconds: f64) -> (String, String) {
+    match ivadomed_seconds {
+        Some(reference) => (
+            format!("{reference:.2}"),
+            format!("{:.1}", reference / seconds),
+        ),
+        None => ("-".into(), "-".into()),
+    }
+}
+
 /// Wall time of one end-to-end run, by stage.
 #[derive(Clone, Copy, Debug, Default)]
 struct RunTimes {
@@ -213,6 +225,14 @@ fn run_cases(
         crate::device::describe(device),
         tch::get_num_threads()
     )?;
+    let cases = default_cases(tta);
+    if let Some(unknown) = ivadomed
+        .keys()
+        .find(|label| !cases.iter().any(|case| case.label == label.as_str()))
+    {
+        let known: Vec<_> = cases.iter().map(|case| case.label).collect();
+        anyhow::bail!("--ivadomed {unknown}=...: no such case; the cases are {known:?}");
+    }
     writeln!(
         table,
         "{:<8} {:<7} {:<28} {:>6} {:>5} {:>9} {:>6} {:>6} {:>8} {:>6} {:>6} {:>6} {:>9} {:>7}",
@@ -231,7 +251,7 @@ fn run_cases(
         "ivadomed",
         "speedup"
     )?;
-    for case in default_cases(tta) {
+    for case in cases {
         if !only.is_empty() && !only.iter().any(|label| label == case.label) {
             continue;
         }
@@ -263,10 +283,7 @@ fn run_cases(
         runs.sort_by_key(|run| run.total);
         let median = runs[runs.len() / 2];
         let seconds = median.total.as_secs_f64();
-        let (reference, ratio) = match ivadomed.get(case.label) {
-            Some(s) => (format!("{s:.2}"), format!("{:.1}x", s / seconds)),
-            None => ("-".into(), "-".into()),
-        };
+        let (reference, ratio) = comparison_columns(ivadomed.get(case.label).copied(), seconds);
         let s = |d: Duration| d.as_secs_f64();
         writeln!(
             table,
@@ -289,4 +306,27 @@ fn run_cases(
         table.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comparison_columns;
+
+    #[test]
+    fn comparison_columns_print_ivadomed_seconds_and_the_speedup() {
+        // 322.04 s for ivadomed against 40.25 s for ivado: 322.04 / 40.25 = 8.0009..., printed to one decimal.
+        assert_eq!(
+            comparison_columns(Some(322.04), 40.25),
+            ("322.04".to_owned(), "8.0".to_owned())
+        );
+        // Slower than ivadomed reads below 1: 5 / 13.47 = 0.371...
+        assert_eq!(
+            comparison_columns(Some(5.0), 13.47),
+            ("5.00".to_owned(), "0.4".to_owned())
+        );
+        assert_eq!(
+            comparison_columns(None, 1.0),
+            ("-".to_owned(), "-".to_owned())
+        );
+    }
 }

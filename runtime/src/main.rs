@@ -312,6 +312,11 @@ enum BenchCommand {
         /// Volumes whose slices are shuffled together.
         #[arg(long, default_value_t = 8)]
         window: usize,
+        /// ivadomed's slices/s on this pipeline, the reference of the ratio column: what
+        /// scripts/ivadomed/loader_bench.py prints (default: the 4.3 ms/slice).
+        #[arg(long = "ivadomed", value_name = "SLICES_PER_SECOND",
+              default_value_t = ivado_runtime::bench_loader::IVADOMED_SLICES_PER_SECOND)]
+        ivadomed_slices_per_second: f64,
         /// Internal: run one case (JSON) in this process and print its result.
         #[arg(long, hide = true)]
         case: Option<String>,
@@ -647,6 +652,7 @@ fn run(cli: Cli) -> Result<()> {
                     budget_mb,
                     batch,
                     window,
+                    ivadomed_slices_per_second,
                     case,
                 },
         } => {
@@ -669,6 +675,7 @@ fn run(cli: Cli) -> Result<()> {
                     budget_mb,
                     batch_size: batch,
                     window,
+                    ivadomed_slices_per_second,
                 },
             )?;
             print!("{report}");
