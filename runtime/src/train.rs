@@ -7,7 +7,7 @@
 //! from it at the start of every epoch. So a checkpoint only has to hold weights, optimizer and scheduler
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
-use crate::cache::CachedSlices;
+use crate::cache::{CachedSlices, CachedWindows, LazySamples};
 use crate::data::SliceSet;
 use crate::loader::{cached_batches, slice_batches, LoaderOptions};
 use crate::losses::{with_script_sources, Loss};
@@ -346,11 +346,11 @@ impl<T> From<Rc<T>> for Held<'_, T> {
     }
 }
 
-/// The training samples: every one in memory, or read lazily through [`CachedSlices`] under a memory budget
-/// (2D axial slices).
+/// The training samples: every one in memory, or read lazily under a memory budget, through
+/// [`CachedSlices`] (plain axial slices) or [`CachedWindows`] (any sampling).
 pub enum TrainData<'a> {
     Memory(Held<'a, SliceSet>),
-    Cached(Arc<CachedSlices>),
+    Cached(Arc<dyn LazySamples>),
 }
 
 impl TrainData<'_> {
@@ -380,6 +380,12 @@ impl From<Rc<SliceSet>> for TrainData<'_> {
 
 impl From<Arc<CachedSlices>> for TrainData<'_> {
     fn from(value: Arc<CachedSlices>) -> Self {
+        TrainData::Cached(value)
+    }
+}
+
+impl From<Arc<CachedWindows>> for TrainData<'_> {
+    fn from(value: Arc<CachedWindows>) -> Self {
         TrainData::Cached(value)
     }
 }
