@@ -16,9 +16,9 @@ use crate::data::{
     load_group, preprocess_entry, window_groups, window_item, window_seed, LoadedGroup,
     SamplingOptions, SliceSet, WindowGroup,
 };
-use crate::sampling::{plan, select, Filters, SamplingMode, Window};
 use crate::model_folder::write_atomic;
 use crate::pipeline::{Phase, Pipeline};
+use crate::sampling::{plan, select, Filters, SamplingMode, Window};
 use crate::volume::{Affine, Reorientation};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
@@ -945,8 +945,10 @@ impl CachedWindows {
                     &sampling.filters,
                     training,
                 )?;
-                let prepared =
-                    PreparedGroup::from_loaded(group.entries[0].image.display().to_string(), &loaded)?;
+                let prepared = PreparedGroup::from_loaded(
+                    group.entries[0].image.display().to_string(),
+                    &loaded,
+                )?;
                 drop(loaded);
                 set.prepared.fetch_add(1, Ordering::SeqCst);
                 if let Some(disk) = &set.disk {
@@ -958,11 +960,16 @@ impl CachedWindows {
             let volume = set.volumes.len();
             let start = set.samples.len();
             set.samples
-                .extend(windows.into_iter().enumerate().map(|(index, window)| WindowSample {
-                    group: g,
-                    window,
-                    seed: window_seed(seed, volume, index),
-                }));
+                .extend(
+                    windows
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, window)| WindowSample {
+                            group: g,
+                            window,
+                            seed: window_seed(seed, volume, index),
+                        }),
+                );
             set.ranges.push(start..set.samples.len());
             set.volumes
                 .push((set.groups[g].entries[0].image.display().to_string(), g));

@@ -483,10 +483,7 @@ pub fn window_item(
     item.insert("image", window.extract(&group.input)?.copy());
     item.insert("label", window.extract(&group.target)?.copy());
     let window_spacing: Vec<f64> = match window.axis {
-        Some(axis) => plane_axes(axis)
-            .iter()
-            .map(|&a| group.spacing[a])
-            .collect(),
+        Some(axis) => plane_axes(axis).iter().map(|&a| group.spacing[a]).collect(),
         None => group.spacing.clone(),
     };
     item.set_spacing(&window_spacing);
@@ -817,13 +814,18 @@ impl SliceSet {
             })?;
         let images = batch.get("image")?;
         let labels = batch.get("label")?;
-        let expected = self.images.size();
-        if images.size()[1..] != expected[1..] || labels.size()[1..] != expected[1..] {
-            bail!(
-                "the augmentation pipeline changed slice shapes ({:?} vs {:?}); spatial augmentations must keep the shape",
-                &expected[1..],
-                &images.size()[1..]
-            );
+        // Inputs have C channels and targets K: each keeps its own shape.
+        for (name, before, after) in [
+            ("image", self.images.size(), images.size()),
+            ("label", self.labels.size(), labels.size()),
+        ] {
+            if after[1..] != before[1..] {
+                bail!(
+                    "the augmentation pipeline changed {name} shapes ({:?} vs {:?}); spatial augmentations must keep the shape",
+                    &before[1..],
+                    &after[1..]
+                );
+            }
         }
         Ok((
             images.to_device(device),
