@@ -340,6 +340,8 @@ pub fn run(exe: &Path, global_args: &[String], bench: &LoaderBench) -> Result<St
         "cache MiB",
         "work MiB",
     );
+    // Rows also go to stderr as they are measured: the whole bench takes minutes on a loaded machine.
+    eprint!("{report}");
     let mut budgeted_peaks = Vec::new();
     for case in &cases {
         let result = run_child(exe, global_args, &bench.data, case)?;
@@ -352,7 +354,7 @@ pub fn run(exe: &Path, global_args: &[String], bench: &LoaderBench) -> Result<St
         if case.budget.is_some() && case.workers == cores {
             budgeted_peaks.push((case.subjects, result.peak_rss_bytes));
         }
-        report.push_str(&format!(
+        let row = format!(
             "{:>8} {:>7} {:>16} {:>10.0} {:>10.0} {:>12.0} {:>12.0} {:>10.1} {:>9.0} {:>9.0} {:>9.0}\n",
             case.subjects,
             case.workers,
@@ -365,7 +367,9 @@ pub fn run(exe: &Path, global_args: &[String], bench: &LoaderBench) -> Result<St
             mib(result.peak_rss_bytes as f64),
             mib(result.cache_peak_bytes as f64),
             mib(working_set),
-        ));
+        );
+        eprint!("{row}");
+        report.push_str(&row);
     }
     if let [(few, few_peak), (many, many_peak)] = budgeted_peaks[..] {
         report.push_str(&format!(
