@@ -642,3 +642,40 @@ fn lazy_windows_equal_the_in_memory_ones_in_every_mode_within_the_budget() {
         assert!(lazy.memory().stats().peak_bytes <= budget, "{options}");
     }
 }
+
+#[test]
+fn lazy_windows_read_their_groups_back_from_the_disk_cache() {
+    let registry = registry();
+    let entries = functional_testing_entries();
+    let dir = tempfile::tempdir().unwrap();
+    let sampling = SamplingOptions::from_json(&json!({"slice_axis": "coronal"})).unwrap();
+    let options = CacheOptions {
+        memory_budget: 0,
+        disk: Some(dir.path().to_owned()),
+    };
+    let normalize = pipeline(&registry, &[("NormalizeInstance", json!({}))]);
+    let make = || {
+        CachedWindows::new(
+            &entries,
+            normalize.clone(),
+            Phase::Training,
+            7,
+            &sampling,
+            &options,
+        )
+        .unwrap()
+    };
+    let first = make();
+    let second = make();
+    // Coronal slices of 5 volumes of 141 voxels along y.
+    assert_eq!(first.len(), 5 * 141);
+    for index in (0..first.len()).step_by(47) {
+        let (image, label, _) = first.sample(index).unwrap();
+        let (again, again_label, _) = second.sample(index).unwrap();
+        assert!(image.equal(&again) && label.equal(&again_label), "{index}");
+    }
+    // The first set assembled each group once (nothing is kept in memory: budget 0, so the disk serves
+    // every later read); the second found them all on disk.
+    assert_eq!(first.prepared(), 5);
+    assert_eq!(second.prepared(), 0);
+}

@@ -16,7 +16,6 @@ use crate::data::{
     load_group, preprocess_entry, window_groups, window_item, window_seed, LoadedGroup,
     SamplingOptions, SliceSet, WindowGroup,
 };
-use crate::model_folder::write_atomic;
 use crate::pipeline::{Phase, Pipeline};
 use crate::sampling::{plan, select, Filters, SamplingMode, Window};
 use crate::volume::{Affine, Reorientation};
@@ -349,45 +348,82 @@ impl DiskCache {
     }
 
     /// The volume stored under `key`, if a complete one is there.
+    /// Read straight into the volume's vectors: no second copy of the file in memory.
     pub fn load(&self, key: &str) -> Option<PreparedVolume> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
-        let rest = bytes.strip_prefix(DISK_MAGIC)?;
-        let header_len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
-        let header: DiskHeader = serde_json::from_slice(rest.get(8..8 + header_len)?).ok()?;
-        let data = rest.get(8 + header_len..)?;
-        let count: usize = header.shape.iter().product();
-        if data.len() != count * 5 || header.spacing.len() != header.shape[0] {
+        use std::io::Read;
+        let file = std::fs::File::open(self.path(key)).ok()?;
+        let file_len = file.metadata().ok()?.len() as usize;
+        let mut reader = std::io::BufReader::new(file);
+        let mut magic = [0u8; 8];
+        reader.read_exact(&mut magic).ok()?;
+        if &magic != DISK_MAGIC {
             return None;
         }
-        let (image, label) = data.split_at(count * 4);
+        let mut length = [0u8; 8];
+        reader.read_exact(&mut length).ok()?;
+        let header_len = u64::from_le_bytes(length) as usize;
+        let mut header = vec![0u8; header_len.min(file_len)];
+        reader.read_exact(&mut header).ok()?;
+        let header: DiskHeader = serde_json::from_slice(&header).ok()?;
+        let count = header
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &s| n.checked_mul(s))?;
+        if file_len != 16 + header_len + count * 5 || header.spacing.len() != header.shape[0] {
+            return None;
+        }
+        let image = read_f32s(&mut reader, count)?;
+        let mut label = vec![0u8; count];
+        reader.read_exact(&mut label).ok()?;
         Some(PreparedVolume {
             source: header.source,
             shape: header.shape,
-            image: image
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            label: label.to_vec(),
+            image,
+            label,
             spacing: header.spacing,
         })
     }
 
-    /// Writes `volume` under `key` atomically.
+    /// Writes `volume` under `key` atomically, streaming its data (no serialised copy in memory).
     pub fn store(&self, key: &str, volume: &PreparedVolume) -> Result<()> {
         let header = serde_json::to_vec(&DiskHeader {
             source: volume.source.clone(),
             shape: volume.shape,
             spacing: volume.spacing.clone(),
         })?;
-        let mut bytes = Vec::with_capacity(16 + header.len() + volume.bytes());
-        bytes.extend_from_slice(DISK_MAGIC);
-        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&header);
-        for value in &volume.image {
-            bytes.extend_from_slice(&value.to_le_bytes());
-        }
-        bytes.extend_from_slice(&volume.label);
-        write_atomic(&self.path(key), &bytes)
+        self.write_parts(
+            key,
+            &self.path(key),
+            &[
+                DISK_MAGIC,
+                &(header.len() as u64).to_le_bytes(),
+                &header,
+                &f32_bytes(&volume.image),
+                &volume.label,
+            ],
+        )
+    }
+
+    /// Writes `parts` one after the other into a temporary file of the cache folder, then renames it to `path`.
+    fn write_parts(&self, key: &str, path: &Path, parts: &[&[u8]]) -> Result<()> {
+        use std::io::Write;
+        let temporary = self.dir.join(format!(
+            ".ivado-tmp-{key}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+            for part in parts {
+                out.write_all(part)?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            std::fs::rename(&temporary, path)
+        };
+        write().map_err(|e| {
+            std::fs::remove_file(&temporary).ok();
+            anyhow::anyhow!("writing {}: {e}", path.display())
+        })
     }
 }
 
@@ -772,33 +808,23 @@ impl DiskCache {
 
     /// Writes `group` under `key` atomically, streaming its data (no serialised copy in memory).
     pub fn store_group(&self, key: &str, group: &PreparedGroup) -> Result<()> {
-        use std::io::Write;
         let header = serde_json::to_vec(&DiskGroupHeader {
             source: group.source.clone(),
             input_shape: group.input_shape,
             target_shape: group.target_shape,
             spacing: group.spacing.clone(),
         })?;
-        let path = self.group_path(key);
-        let temporary = self.dir.join(format!(
-            ".ivado-tmp-{key}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
-            out.write_all(DISK_GROUP_MAGIC)?;
-            out.write_all(&(header.len() as u64).to_le_bytes())?;
-            out.write_all(&header)?;
-            out.write_all(&f32_bytes(&group.input))?;
-            out.write_all(&f32_bytes(&group.target))?;
-            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
-            std::fs::rename(&temporary, &path)
-        };
-        write().map_err(|e| {
-            std::fs::remove_file(&temporary).ok();
-            anyhow::anyhow!("writing {}: {e}", path.display())
-        })
+        self.write_parts(
+            key,
+            &self.group_path(key),
+            &[
+                DISK_GROUP_MAGIC,
+                &(header.len() as u64).to_le_bytes(),
+                &header,
+                &f32_bytes(&group.input),
+                &f32_bytes(&group.target),
+            ],
+        )
     }
 }
 
