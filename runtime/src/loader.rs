@@ -210,8 +210,9 @@ impl<'a, T: Send + 'static> Loader<'a, T> {
     }
 }
 
-/// Allocations at least this large get their own mapping, returned to the system when freed.
-const MMAP_THRESHOLD: i32 = 1 << 20;
+/// Allocations at least this large get their own mapping, returned to the system when freed: volumes do,
+/// batches and their intermediates (a few MiB) stay in the heap, where reusing them costs no page faults.
+const MMAP_THRESHOLD: i32 = 8 << 20;
 /// Threads that get a malloc arena of their own; more share them.
 const ARENA_MAX: i32 = 4;
 
