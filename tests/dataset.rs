@@ -655,6 +655,14 @@ let report = train(model, #{{
         "prepared volumes were kept on disk"
     );
 
+    // The lazy path serves any sampling: sagittal slices under a 1 MiB budget.
+    let (ok, stdout, stderr, out) = run(
+        "cached_sagittal",
+        r#"cache: #{ budget_mb: 1 }, slice_axis: "sagittal""#,
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(out.join("model").exists());
+
     for (name, options, message) in [
         ("unknown", "slice_axes: \"axial\"", "slice_axes"),
         (
@@ -663,9 +671,9 @@ let report = train(model, #{{
             "not both",
         ),
         (
-            "cache_sagittal",
-            "cache: #{ budget_mb: 1 }, slice_axis: \"sagittal\"",
-            "plain axial",
+            "cache_balanced",
+            "cache: #{ budget_mb: 1 }, balanced_epochs: 1",
+            "balanced_epochs",
         ),
     ] {
         let (ok, stdout, stderr, _) = run(name, options);

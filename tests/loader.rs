@@ -2,9 +2,9 @@
 //! bound, errors that name their file without hanging, the memory budget and LRU order, and the disk cache
 //! across processes.
 use anyhow::{bail, Result};
-use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsQuery};
-use ivado_runtime::cache::{CacheOptions, CachedSlices, MemoryCache, Weighed};
-use ivado_runtime::data::SliceSet;
+use ivado_runtime::bids::{BidsEntry, BidsIndex, BidsOptions, BidsQuery};
+use ivado_runtime::cache::{CacheOptions, CachedSlices, CachedWindows, MemoryCache, Weighed};
+use ivado_runtime::data::{SamplingOptions, SliceSet};
 use ivado_runtime::loader::{cached_batches, slice_batches, BuildBatch, Loader, LoaderOptions};
 use ivado_runtime::phantom::{self, PhantomSpec};
 use ivado_runtime::pipeline::{LivePipeline, Phase, Pipeline, Step};
@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Tensor};
+
+use ivado_tests::shared_data;
 
 fn registry() -> PluginRegistry {
     PluginRegistry::discover(&SearchPath::standard(&[]))
@@ -493,4 +495,187 @@ fn the_disk_cache_survives_the_process_and_misses_changed_files() {
     let third = cached_set(&registry, entries, options);
     assert_ne!(fingerprint(&third), hash);
     assert_eq!(third.prepared(), 1);
+}
+
+/// data_functional_testing's T1w and T2w images with their cord labels (sub-unf02's T1w has none, so it is
+/// indexed without it).
+fn functional_testing_entries() -> Vec<BidsEntry> {
+    let options = BidsOptions::from_json(&json!({
+        "contrasts": ["T1w", "T2w"],
+        "target_suffix": ["_seg-manual"],
+    }))
+    .unwrap();
+    BidsIndex::build(&[shared_data("data_functional_testing")], &options)
+        .unwrap()
+        .entries
+}
+
+#[test]
+fn lazy_windows_equal_the_in_memory_ones_in_every_mode_within_the_budget() {
+    let registry = registry();
+    let entries = functional_testing_entries();
+    assert_eq!(entries.len(), 5, "3 T2w, 2 T1w with a cord label");
+    let normalize = pipeline(&registry, &[("NormalizeInstance", json!({}))]);
+    // Every volume is 131 x 141 x 16 f32: one channel and one target are 2 such volumes, two channels 3.
+    let voxels = 131 * 141 * 16 * 4;
+    let affine = augmentation(&registry);
+    // (options, groups that yield samples, samples, augment too)
+    let modes = [
+        // sub-unf02 has no T1w with a label, so the multichannel T1w + T2w group of sub-unf02 is skipped.
+        (
+            json!({"slice_axis": "sagittal", "multichannel": true, "contrasts": ["T1w", "T2w"], "soft_gt": true}),
+            2,
+            2 * 131,
+            true,
+        ),
+        // The slice filter needs voxels: the windows come from one pass over the volumes.
+        (
+            json!({"slice_axis": "coronal", "slice_filter_params": {"filter_empty_mask": true}}),
+            5,
+            0,
+            true,
+        ),
+        // 2D patches of 48 x 48 every 48 voxels, training-time patch filter.
+        (
+            json!({"length_2D": [48, 48], "stride_2D": [48, 48], "patch_filter_params": {"filter_empty_mask": true}}),
+            5,
+            0,
+            true,
+        ),
+        // 3D subvolumes: 4 x 4 x 1 tiles of 48 x 48 x 16 (x at 0, 48, 83; y at 0, 48, 93), 3 x 3 per volume.
+        (
+            json!({"length_3D": [48, 48, 16], "stride_3D": [48, 48, 16]}),
+            5,
+            5 * 9,
+            false,
+        ),
+        // Whole volumes, two channels.
+        (
+            json!({"length_3D": [131, 141, 16], "multichannel": true, "contrasts": ["T2w", "T1w"]}),
+            2,
+            2,
+            false,
+        ),
+    ];
+    for (options, groups, expected_samples, augment) in modes {
+        let sampling = SamplingOptions::from_json(&options).unwrap();
+        let memory =
+            SliceSet::build_windows(Phase::Training, &entries, &normalize, 7, &sampling).unwrap();
+        let channels = memory.images.size()[1] as usize;
+        let classes = memory.labels.size()[1] as usize;
+        let group_bytes = (channels + classes) * voxels;
+        // Room for one group and a half: every new group evicts the one before.
+        let budget = group_bytes + group_bytes / 2;
+        let lazy = Arc::new(
+            CachedWindows::new(
+                &entries,
+                normalize.clone(),
+                Phase::Training,
+                7,
+                &sampling,
+                &CacheOptions {
+                    memory_budget: budget,
+                    disk: None,
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(lazy.len(), memory.len(), "{options}");
+        assert_eq!(lazy.volumes(), groups, "{options}");
+        if expected_samples > 0 {
+            assert_eq!(lazy.len(), expected_samples, "{options}");
+        }
+        // One sample at a time in an epoch's order, the cache's bytes checked after each.
+        for index in lazy.window_order(3, 1) {
+            let (image, label, spacing) = lazy.sample(index as usize).unwrap();
+            assert!(lazy.memory().held() <= budget, "{options}");
+            let (expected_image, expected_label) = memory.batch(&[index], Device::Cpu);
+            assert!(
+                image.unsqueeze(0).equal(&expected_image),
+                "{options}: sample {index}"
+            );
+            assert!(
+                label.unsqueeze(0).equal(&expected_label),
+                "{options}: sample {index}"
+            );
+            assert_eq!(spacing, memory.spacing[index as usize], "{options}");
+        }
+        let stats = lazy.memory().stats();
+        assert!(stats.peak_bytes <= budget, "{options}: {stats:?}");
+        if groups > 1 {
+            assert!(stats.evictions > 0, "{options}: {stats:?}");
+        }
+        // The trainer's batches: four workers on the lazy set equal the in-memory set's, augmentation included.
+        let chunks: Vec<Vec<i64>> = lazy
+            .window_order(5, 2)
+            .chunks(4)
+            .take(6)
+            .map(<[i64]>::to_vec)
+            .collect();
+        let live = augment.then(|| affine.clone());
+        let in_memory: Vec<(Tensor, Tensor)> = slice_batches(
+            &memory,
+            live.as_ref(),
+            chunks.clone(),
+            11,
+            2,
+            Device::Cpu,
+            LoaderOptions::new(1),
+        )
+        .map(Result::unwrap)
+        .collect();
+        let from_cache: Vec<(Tensor, Tensor)> = cached_batches(
+            Arc::clone(&lazy),
+            live,
+            chunks,
+            11,
+            2,
+            Device::Cpu,
+            LoaderOptions::new(4),
+        )
+        .map(Result::unwrap)
+        .collect();
+        assert_eq!(in_memory.len(), from_cache.len());
+        for (a, b) in in_memory.iter().zip(&from_cache) {
+            assert!(same(a, b), "{options}");
+        }
+        assert!(lazy.memory().stats().peak_bytes <= budget, "{options}");
+    }
+}
+
+#[test]
+fn lazy_windows_read_their_groups_back_from_the_disk_cache() {
+    let registry = registry();
+    let entries = functional_testing_entries();
+    let dir = tempfile::tempdir().unwrap();
+    let sampling = SamplingOptions::from_json(&json!({"slice_axis": "coronal"})).unwrap();
+    let options = CacheOptions {
+        memory_budget: 0,
+        disk: Some(dir.path().to_owned()),
+    };
+    let normalize = pipeline(&registry, &[("NormalizeInstance", json!({}))]);
+    let make = || {
+        CachedWindows::new(
+            &entries,
+            normalize.clone(),
+            Phase::Training,
+            7,
+            &sampling,
+            &options,
+        )
+        .unwrap()
+    };
+    let first = make();
+    let second = make();
+    // Coronal slices of 5 volumes of 141 voxels along y.
+    assert_eq!(first.len(), 5 * 141);
+    for index in (0..first.len()).step_by(47) {
+        let (image, label, _) = first.sample(index).unwrap();
+        let (again, again_label, _) = second.sample(index).unwrap();
+        assert!(image.equal(&again) && label.equal(&again_label), "{index}");
+    }
+    // The first set assembled each group once (nothing is kept in memory: budget 0, so the disk serves
+    // every later read); the second found them all on disk.
+    assert_eq!(first.prepared(), 5);
+    assert_eq!(second.prepared(), 0);
 }

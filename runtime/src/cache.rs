@@ -12,9 +12,12 @@
 //!   memory cache. [`CachedSlices::window_order`] shuffles volumes, then slices within windows of a few
 //!   volumes, so an epoch touches each volume in one stretch and a budget of a window's volumes suffices.
 use crate::bids::BidsEntry;
-use crate::data::{preprocess_entry, SliceSet};
-use crate::model_folder::write_atomic;
+use crate::data::{
+    load_group, preprocess_entry, window_groups, window_item, window_seed, LoadedGroup,
+    SamplingOptions, SliceSet, WindowGroup,
+};
 use crate::pipeline::{Phase, Pipeline};
+use crate::sampling::{plan, select, Filters, SamplingMode, Window};
 use crate::volume::{Affine, Reorientation};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
@@ -345,45 +348,82 @@ impl DiskCache {
     }
 
     /// The volume stored under `key`, if a complete one is there.
+    /// Read straight into the volume's vectors: no second copy of the file in memory.
     pub fn load(&self, key: &str) -> Option<PreparedVolume> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
-        let rest = bytes.strip_prefix(DISK_MAGIC)?;
-        let header_len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
-        let header: DiskHeader = serde_json::from_slice(rest.get(8..8 + header_len)?).ok()?;
-        let data = rest.get(8 + header_len..)?;
-        let count: usize = header.shape.iter().product();
-        if data.len() != count * 5 || header.spacing.len() != header.shape[0] {
+        use std::io::Read;
+        let file = std::fs::File::open(self.path(key)).ok()?;
+        let file_len = file.metadata().ok()?.len() as usize;
+        let mut reader = std::io::BufReader::new(file);
+        let mut magic = [0u8; 8];
+        reader.read_exact(&mut magic).ok()?;
+        if &magic != DISK_MAGIC {
             return None;
         }
-        let (image, label) = data.split_at(count * 4);
+        let mut length = [0u8; 8];
+        reader.read_exact(&mut length).ok()?;
+        let header_len = u64::from_le_bytes(length) as usize;
+        let mut header = vec![0u8; header_len.min(file_len)];
+        reader.read_exact(&mut header).ok()?;
+        let header: DiskHeader = serde_json::from_slice(&header).ok()?;
+        let count = header
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &s| n.checked_mul(s))?;
+        if file_len != 16 + header_len + count * 5 || header.spacing.len() != header.shape[0] {
+            return None;
+        }
+        let image = read_f32s(&mut reader, count)?;
+        let mut label = vec![0u8; count];
+        reader.read_exact(&mut label).ok()?;
         Some(PreparedVolume {
             source: header.source,
             shape: header.shape,
-            image: image
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            label: label.to_vec(),
+            image,
+            label,
             spacing: header.spacing,
         })
     }
 
-    /// Writes `volume` under `key` atomically.
+    /// Writes `volume` under `key` atomically, streaming its data (no serialised copy in memory).
     pub fn store(&self, key: &str, volume: &PreparedVolume) -> Result<()> {
         let header = serde_json::to_vec(&DiskHeader {
             source: volume.source.clone(),
             shape: volume.shape,
             spacing: volume.spacing.clone(),
         })?;
-        let mut bytes = Vec::with_capacity(16 + header.len() + volume.bytes());
-        bytes.extend_from_slice(DISK_MAGIC);
-        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&header);
-        for value in &volume.image {
-            bytes.extend_from_slice(&value.to_le_bytes());
-        }
-        bytes.extend_from_slice(&volume.label);
-        write_atomic(&self.path(key), &bytes)
+        self.write_parts(
+            key,
+            &self.path(key),
+            &[
+                DISK_MAGIC,
+                &(header.len() as u64).to_le_bytes(),
+                &header,
+                &f32_bytes(&volume.image),
+                &volume.label,
+            ],
+        )
+    }
+
+    /// Writes `parts` one after the other into a temporary file of the cache folder, then renames it to `path`.
+    fn write_parts(&self, key: &str, path: &Path, parts: &[&[u8]]) -> Result<()> {
+        use std::io::Write;
+        let temporary = self.dir.join(format!(
+            ".ivado-tmp-{key}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+            for part in parts {
+                out.write_all(part)?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            std::fs::rename(&temporary, path)
+        };
+        write().map_err(|e| {
+            std::fs::remove_file(&temporary).ok();
+            anyhow::anyhow!("writing {}: {e}", path.display())
+        })
     }
 }
 
@@ -398,19 +438,7 @@ pub struct CacheOptions {
 
 /// The depth (canonical z) of a NIfTI volume, from its header alone.
 fn axial_depth(path: &Path) -> Result<usize> {
-    let header = nifti::NiftiHeader::from_file(path)
-        .with_context(|| format!("failed to read the NIfTI header of {}", path.display()))?;
-    let mut file_shape = [1usize; 3];
-    for (axis, size) in header.dim[1..=3].iter().enumerate() {
-        if axis < header.dim[0] as usize {
-            file_shape[axis] = (*size).max(1) as usize;
-        }
-    }
-    let matrix = header.affine::<f64>();
-    let affine: Affine = std::array::from_fn(|r| std::array::from_fn(|c| matrix[(r, c)]));
-    let reorientation = Reorientation::from_affine(&affine, file_shape)
-        .with_context(|| format!("{}: orientation", path.display()))?;
-    Ok(reorientation.canonical_shape()[2])
+    Ok(canonical_shape(path)?[2])
 }
 
 /// See the module documentation. Shared by loader workers (`Send + Sync`: it holds no tensor).
@@ -580,17 +608,527 @@ impl CachedSlices {
     /// Every slice once, in a seeded order that keeps memory local: volumes are shuffled, split into windows
     /// of `window` volumes, and the slices of each window shuffled together.
     pub fn window_order(&self, seed: u64, window: usize) -> Vec<i64> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut volumes: Vec<usize> = (0..self.entries.len()).collect();
-        volumes.shuffle(&mut rng);
-        let mut order = Vec::with_capacity(self.len());
-        for group in volumes.chunks(window.max(1)) {
-            let start = order.len();
-            for &volume in group {
-                order.extend(self.ranges[volume].clone().map(|i| i as i64));
-            }
-            order[start..].shuffle(&mut rng);
+        windowed_order(&self.ranges, seed, window)
+    }
+}
+
+/// A training set read lazily: what [`crate::loader::cached_batches`] and the trainer need of
+/// [`CachedSlices`] and [`CachedWindows`].
+pub trait LazySamples: Send + Sync {
+    /// Samples in the set.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Every sample once, in a seeded order that touches `window` volumes at a time.
+    fn window_order(&self, seed: u64, window: usize) -> Vec<i64>;
+    /// The samples at `indices` as a small [`SliceSet`] (sample `i` of it is `indices[i]`).
+    fn batch_set(&self, indices: &[i64]) -> Result<SliceSet>;
+    /// The memory cache's counters.
+    fn cache_stats(&self) -> CacheStats;
+    /// Bytes the memory cache holds now.
+    fn cache_held(&self) -> usize;
+}
+
+impl LazySamples for CachedSlices {
+    fn len(&self) -> usize {
+        CachedSlices::len(self)
+    }
+    fn window_order(&self, seed: u64, window: usize) -> Vec<i64> {
+        CachedSlices::window_order(self, seed, window)
+    }
+    fn batch_set(&self, indices: &[i64]) -> Result<SliceSet> {
+        CachedSlices::batch_set(self, indices)
+    }
+    fn cache_stats(&self) -> CacheStats {
+        self.memory.stats()
+    }
+    fn cache_held(&self) -> usize {
+        self.memory.held()
+    }
+}
+
+/// Shuffles `ranges` (one per volume) in groups of `window` volumes, then the samples of each group together.
+fn windowed_order(ranges: &[std::ops::Range<usize>], seed: u64, window: usize) -> Vec<i64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut volumes: Vec<usize> = (0..ranges.len()).collect();
+    volumes.shuffle(&mut rng);
+    let mut order = Vec::with_capacity(ranges.last().map_or(0, |r| r.end));
+    for group in volumes.chunks(window.max(1)) {
+        let start = order.len();
+        for &volume in group {
+            order.extend(ranges[volume].clone().map(|i| i as i64));
         }
-        order
+        order[start..].shuffle(&mut rng);
+    }
+    order
+}
+
+/// One group (an image, or a subject's contrasts) assembled, as [`CachedWindows`] keeps it: input
+/// `[C, X, Y, Z]` and targets `[K, X, Y, Z]` as f32 (soft targets stay soft), and the grid's spacing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedGroup {
+    pub source: String,
+    pub input_shape: [i64; 4],
+    pub target_shape: [i64; 4],
+    pub input: Vec<f32>,
+    pub target: Vec<f32>,
+    pub spacing: Vec<f64>,
+}
+
+impl Weighed for PreparedGroup {
+    fn bytes(&self) -> usize {
+        (self.input.len() + self.target.len()) * 4
+    }
+}
+
+fn shape4(tensor: &Tensor, what: &str, source: &str) -> Result<[i64; 4]> {
+    let size = tensor.size();
+    size.as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{source}: the {what} has shape {size:?}, expected 4 axes"))
+}
+
+impl PreparedGroup {
+    fn from_loaded(source: String, loaded: &LoadedGroup) -> Result<Self> {
+        let input = loaded.input.to_kind(Kind::Float).contiguous();
+        let target = loaded.target.to_kind(Kind::Float).contiguous();
+        Ok(Self {
+            input_shape: shape4(&input, "input", &source)?,
+            target_shape: shape4(&target, "target", &source)?,
+            input: Vec::<f32>::try_from(input.view(-1))?,
+            target: Vec::<f32>::try_from(target.view(-1))?,
+            spacing: loaded.spacing.clone(),
+            source,
+        })
+    }
+
+    /// Runs `use_group` on tensors that borrow this group's data (no copy of the volume).
+    fn with_tensors<R>(&self, use_group: impl FnOnce(&LoadedGroup) -> Result<R>) -> Result<R> {
+        // SAFETY: the vectors hold exactly the shapes' element counts (checked when made or read back) and
+        // outlive `use_group`, which only reads them: `window_item` copies each window out before anything
+        // else sees it, so no tensor aliasing them survives this call.
+        let borrow = |data: &[f32], shape: &[i64; 4]| unsafe {
+            Tensor::from_blob(
+                data.as_ptr().cast(),
+                shape,
+                &[],
+                Kind::Float,
+                tch::Device::Cpu,
+            )
+        };
+        use_group(&LoadedGroup {
+            input: borrow(&self.input, &self.input_shape),
+            target: borrow(&self.target, &self.target_shape),
+            roi: None,
+            spacing: self.spacing.clone(),
+            // The lazy path carries no availability mask: training refuses `cache` with a HeMIS model.
+            missing_modalities: Tensor::zeros([self.input_shape[0]], (Kind::Float, tch::Device::Cpu)),
+        })
+    }
+}
+
+const DISK_GROUP_MAGIC: &[u8; 8] = b"IVADOWG1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DiskGroupHeader {
+    source: String,
+    input_shape: [i64; 4],
+    target_shape: [i64; 4],
+    spacing: Vec<f64>,
+}
+
+fn element_count(shape: &[i64; 4]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &s| n.checked_mul(usize::try_from(s).ok()?))
+}
+
+/// The bytes of `values` as stored on disk (little-endian f32), without a copy on little-endian machines.
+fn f32_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: any f32 is 4 initialised bytes; the slice covers exactly `values`.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4)
+        })
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// Reads `count` little-endian f32 straight into the returned vector (no intermediate byte buffer).
+fn read_f32s(reader: &mut impl std::io::Read, count: usize) -> Option<Vec<f32>> {
+    let mut values = vec![0f32; count];
+    // SAFETY: the byte view covers exactly the vector's initialised elements, and every bit pattern is a
+    // valid f32.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), count * 4) };
+    reader.read_exact(bytes).ok()?;
+    if cfg!(target_endian = "big") {
+        for value in &mut values {
+            *value = f32::from_bits(value.to_bits().swap_bytes());
+        }
+    }
+    Some(values)
+}
+
+impl DiskCache {
+    fn group_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.grp"))
+    }
+
+    /// The group stored under `key`, if a complete one is there (read without a second buffer).
+    pub fn load_group(&self, key: &str) -> Option<PreparedGroup> {
+        use std::io::Read;
+        let file = std::fs::File::open(self.group_path(key)).ok()?;
+        let file_len = file.metadata().ok()?.len() as usize;
+        let mut reader = std::io::BufReader::new(file);
+        let mut magic = [0u8; 8];
+        reader.read_exact(&mut magic).ok()?;
+        if &magic != DISK_GROUP_MAGIC {
+            return None;
+        }
+        let mut length = [0u8; 8];
+        reader.read_exact(&mut length).ok()?;
+        let header_len = u64::from_le_bytes(length) as usize;
+        let mut header = vec![0u8; header_len.min(file_len)];
+        reader.read_exact(&mut header).ok()?;
+        let header: DiskGroupHeader = serde_json::from_slice(&header).ok()?;
+        let inputs = element_count(&header.input_shape)?;
+        let targets = element_count(&header.target_shape)?;
+        if file_len != 16 + header_len + (inputs + targets) * 4 || header.spacing.len() != 3 {
+            return None;
+        }
+        Some(PreparedGroup {
+            input: read_f32s(&mut reader, inputs)?,
+            target: read_f32s(&mut reader, targets)?,
+            source: header.source,
+            input_shape: header.input_shape,
+            target_shape: header.target_shape,
+            spacing: header.spacing,
+        })
+    }
+
+    /// Writes `group` under `key` atomically, streaming its data (no serialised copy in memory).
+    pub fn store_group(&self, key: &str, group: &PreparedGroup) -> Result<()> {
+        let header = serde_json::to_vec(&DiskGroupHeader {
+            source: group.source.clone(),
+            input_shape: group.input_shape,
+            target_shape: group.target_shape,
+            spacing: group.spacing.clone(),
+        })?;
+        self.write_parts(
+            key,
+            &self.group_path(key),
+            &[
+                DISK_GROUP_MAGIC,
+                &(header.len() as u64).to_le_bytes(),
+                &header,
+                &f32_bytes(&group.input),
+                &f32_bytes(&group.target),
+            ],
+        )
+    }
+}
+
+/// The canonical (RAS) shape of a NIfTI volume, from its header alone.
+pub fn canonical_shape(path: &Path) -> Result<[usize; 3]> {
+    let header = nifti::NiftiHeader::from_file(path)
+        .with_context(|| format!("failed to read the NIfTI header of {}", path.display()))?;
+    let mut file_shape = [1usize; 3];
+    for (axis, size) in header.dim[1..=3].iter().enumerate() {
+        if axis < header.dim[0] as usize {
+            file_shape[axis] = (*size).max(1) as usize;
+        }
+    }
+    let matrix = header.affine::<f64>();
+    let affine: Affine = std::array::from_fn(|r| std::array::from_fn(|c| matrix[(r, c)]));
+    let reorientation = Reorientation::from_affine(&affine, file_shape)
+        .with_context(|| format!("{}: orientation", path.display()))?;
+    Ok(reorientation.canonical_shape())
+}
+
+/// One sample of [`CachedWindows`]: its group, its window and its pipeline seed.
+struct WindowSample {
+    group: usize,
+    window: Window,
+    seed: u64,
+}
+
+/// Every sampling mode read lazily: 2D slices on any axis, 2D patches, 3D subvolumes and whole volumes of
+/// one- or multi-channel inputs with K targets, exactly the samples of [`SliceSet::build_windows`] (same
+/// windows, same pipeline seeds). A group (see [`crate::data::WindowGroup`]) is assembled on first use, kept
+/// in the memory cache under its budget (and on disk when asked), and each window is cut from it and run
+/// through the whole pipeline when read.
+///
+/// Windows are planned from the NIfTI headers when no filter applies (3D modes, or 2D without slice/ROI/
+/// training-time patch filters). Filters need the voxels, so then each group is read once up front, one at
+/// a time, and left in the caches.
+pub struct CachedWindows {
+    groups: Vec<WindowGroup>,
+    keys: Vec<String>,
+    samples: Vec<WindowSample>,
+    /// Sample index range of each kept group (skipped groups have none).
+    ranges: Vec<std::ops::Range<usize>>,
+    /// Image path of each kept group, and the group it is.
+    volumes: Vec<(String, usize)>,
+    /// The spatial shape the header promised, checked when the group is read.
+    planned_shapes: Vec<Option<[i64; 3]>>,
+    pipeline: Pipeline,
+    phase: Phase,
+    soft_gt: bool,
+    memory: MemoryCache<PreparedGroup>,
+    disk: Option<DiskCache>,
+    prepared: AtomicUsize,
+}
+
+/// Whether `select` would drop any window of `mode` under `filters` (else the windows follow from the shape).
+fn filters_apply(mode: &SamplingMode, filters: &Filters, training: bool) -> bool {
+    let slice = filters.slice;
+    let patch = filters.patch;
+    match mode {
+        SamplingMode::Subvolumes { .. } | SamplingMode::Volume => false,
+        SamplingMode::Slices { .. } | SamplingMode::Patches2D { .. } => {
+            slice.filter_empty_mask
+                || slice.filter_absent_class
+                || slice.filter_empty_input
+                || filters.slice_filter_roi.is_some()
+                || (training
+                    && matches!(mode, SamplingMode::Patches2D { .. })
+                    && (patch.filter_empty_mask
+                        || patch.filter_absent_class
+                        || patch.filter_empty_input))
+        }
+    }
+}
+
+impl CachedWindows {
+    /// Indexes `entries` cut as `sampling` says; `pipeline`'s `phase` steps run on each window when it is
+    /// read, seeded as [`SliceSet::build_windows`] seeds them from `seed`.
+    pub fn new(
+        entries: &[BidsEntry],
+        pipeline: Pipeline,
+        phase: Phase,
+        seed: u64,
+        sampling: &SamplingOptions,
+        options: &CacheOptions,
+    ) -> Result<Self> {
+        let groups = window_groups(entries, sampling)?;
+        // The assembly depends on the channel parameters; the window pipeline is not cached.
+        let assembly = sha256_hex(&format!("{:?}", sampling.soft_gt));
+        let keys = groups
+            .iter()
+            .map(|group| {
+                let mut identity = format!("{:?}", group.params.contrasts);
+                for entry in &group.entries {
+                    identity.push('\0');
+                    identity.push_str(&entry_key(entry, &assembly)?);
+                    for target in entry.targets.iter().flatten() {
+                        identity.push('\0');
+                        identity.push_str(&file_identity(target)?);
+                    }
+                }
+                Ok(sha256_hex(&identity))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut set = Self {
+            keys,
+            samples: Vec::new(),
+            ranges: Vec::new(),
+            volumes: Vec::new(),
+            planned_shapes: vec![None; groups.len()],
+            pipeline,
+            phase,
+            soft_gt: sampling.soft_gt,
+            memory: MemoryCache::new(options.memory_budget),
+            disk: options.disk.clone().map(DiskCache::new).transpose()?,
+            prepared: AtomicUsize::new(0),
+            groups,
+        };
+        let training = phase == Phase::Training;
+        let from_headers = !filters_apply(&sampling.mode, &sampling.filters, training);
+        for g in 0..set.groups.len() {
+            let group = &set.groups[g];
+            let windows = if from_headers {
+                if group.skipped() {
+                    continue;
+                }
+                let first = group
+                    .params
+                    .contrasts
+                    .iter()
+                    .find_map(|c| group.entries.iter().find(|e| &e.contrast == c))
+                    .context("a group without images")?;
+                let shape = canonical_shape(&first.image)?.map(|s| s as i64);
+                set.planned_shapes[g] = Some(shape);
+                plan(&sampling.mode, shape)?
+            } else {
+                let Some(loaded) = load_group(group)? else {
+                    continue;
+                };
+                let windows = select(
+                    &sampling.mode,
+                    &loaded.input,
+                    Some(&loaded.target),
+                    loaded.roi.as_ref(),
+                    &sampling.filters,
+                    training,
+                )?;
+                let prepared = PreparedGroup::from_loaded(
+                    group.entries[0].image.display().to_string(),
+                    &loaded,
+                )?;
+                drop(loaded);
+                set.prepared.fetch_add(1, Ordering::SeqCst);
+                if let Some(disk) = &set.disk {
+                    disk.store_group(&set.keys[g], &prepared)?;
+                }
+                set.memory.get_or_load(&set.keys[g], || Ok(prepared))?;
+                windows
+            };
+            let volume = set.volumes.len();
+            let start = set.samples.len();
+            set.samples
+                .extend(
+                    windows
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, window)| WindowSample {
+                            group: g,
+                            window,
+                            seed: window_seed(seed, volume, index),
+                        }),
+                );
+            set.ranges.push(start..set.samples.len());
+            set.volumes
+                .push((set.groups[g].entries[0].image.display().to_string(), g));
+        }
+        if set.samples.is_empty() {
+            bail!("no sample left to train on: every subject was skipped or every window filtered out");
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Every sample once: groups shuffled, then the samples of `window` groups at a time together.
+    pub fn window_order(&self, seed: u64, window: usize) -> Vec<i64> {
+        windowed_order(&self.ranges, seed, window)
+    }
+
+    /// Groups with at least one sample.
+    pub fn volumes(&self) -> usize {
+        self.volumes.len()
+    }
+
+    pub fn memory(&self) -> &MemoryCache<PreparedGroup> {
+        &self.memory
+    }
+
+    /// Groups assembled from their source files so far.
+    pub fn prepared(&self) -> usize {
+        self.prepared.load(Ordering::SeqCst)
+    }
+
+    /// Group `index` assembled: from memory, else from the disk cache, else from its files.
+    pub fn group(&self, index: usize) -> Result<Arc<PreparedGroup>> {
+        let group = &self.groups[index];
+        let key = &self.keys[index];
+        let source = group.entries[0].image.display().to_string();
+        self.memory.get_or_load(key, || {
+            if let Some(prepared) = self.disk.as_ref().and_then(|disk| disk.load_group(key)) {
+                return Ok(prepared);
+            }
+            let loaded = load_group(group)?.with_context(|| {
+                format!("{source}: skipped when read, though its files were there when indexed")
+            })?;
+            let prepared = PreparedGroup::from_loaded(source.clone(), &loaded)?;
+            drop(loaded);
+            self.prepared.fetch_add(1, Ordering::SeqCst);
+            if let Some(planned) = self.planned_shapes[index] {
+                if prepared.input_shape[1..] != planned {
+                    bail!(
+                        "{source}: read as {:?}, but its header says {planned:?}",
+                        &prepared.input_shape[1..]
+                    );
+                }
+            }
+            if let Some(disk) = &self.disk {
+                disk.store_group(key, &prepared)?;
+            }
+            Ok(prepared)
+        })
+    }
+
+    /// Sample `index`: its window through the pipeline (image, label, spacing).
+    pub fn sample(&self, index: usize) -> Result<(Tensor, Tensor, Vec<f64>)> {
+        let sample = &self.samples[index];
+        let group = self.group(sample.group)?;
+        group.with_tensors(|loaded| {
+            window_item(
+                loaded,
+                &sample.window,
+                &self.pipeline,
+                self.phase,
+                sample.seed,
+                self.soft_gt,
+                &self.groups[sample.group].entries[0],
+            )
+        })
+    }
+}
+
+impl LazySamples for CachedWindows {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn window_order(&self, seed: u64, window: usize) -> Vec<i64> {
+        windowed_order(&self.ranges, seed, window)
+    }
+
+    fn batch_set(&self, indices: &[i64]) -> Result<SliceSet> {
+        let mut images = Vec::with_capacity(indices.len());
+        let mut labels = Vec::with_capacity(indices.len());
+        let mut spacing = Vec::with_capacity(indices.len());
+        let mut volumes = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let (image, label, sample_spacing) = self.sample(index as usize)?;
+            images.push(image);
+            labels.push(label);
+            spacing.push(sample_spacing);
+            let group = self.samples[index as usize].group;
+            volumes.push(self.groups[group].entries[0].image.display().to_string());
+        }
+        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
+            bail!(
+                "preprocessed samples differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
+                images[0].size(),
+                other.size()
+            );
+        }
+        Ok(SliceSet {
+            images: Tensor::stack(&images, 0),
+            labels: Tensor::stack(&labels, 0),
+            volume_of_slice: (0..indices.len()).collect(),
+            volumes,
+            spacing,
+            metadata: None,
+            available: None,
+        })
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        self.memory.stats()
+    }
+
+    fn cache_held(&self) -> usize {
+        self.memory.held()
     }
 }

@@ -333,7 +333,7 @@ impl SamplingOptions {
 
     /// Whether these options cut exactly what [`SliceSet::build_in`] cuts (axial slices of one image each, one
     /// binary target, no filter), so the original path can serve them.
-    fn is_plain_axial(&self, entries: &[BidsEntry]) -> bool {
+    pub fn is_plain_axial(&self, entries: &[BidsEntry]) -> bool {
         *self == Self::default() && entries.iter().all(|e| e.targets.len() <= 1)
     }
 }
@@ -345,6 +345,180 @@ fn target_paths(entry: &BidsEntry) -> Vec<Option<std::path::PathBuf>> {
     } else {
         entry.targets.clone()
     }
+}
+
+/// One sample's files for the window path: a subject's images (multichannel) or one image, with the channel
+/// parameters it is assembled with.
+#[derive(Clone, Debug)]
+pub struct WindowGroup {
+    pub entries: Vec<BidsEntry>,
+    pub params: ChannelParams,
+}
+
+impl WindowGroup {
+    /// Whether [`load_group`] skips this group (a channel contrast is missing: `MissingContrast::Skip`),
+    /// decided from the entries alone.
+    pub fn skipped(&self) -> bool {
+        let channels: Vec<&BidsEntry> = self
+            .params
+            .contrasts
+            .iter()
+            .filter_map(|c| self.entries.iter().find(|e| &e.contrast == c))
+            .collect();
+        let missing = match self.params.missing_contrast {
+            MissingContrast::Skip | MissingContrast::Error => {
+                channels.len() < self.params.contrasts.len()
+            }
+            MissingContrast::ZeroChannel => channels.is_empty(),
+        };
+        missing
+            || !channels
+                .iter()
+                .any(|e| e.targets.iter().any(Option::is_some))
+            || (self.params.require_roi && !channels.iter().any(|e| e.roi.is_some()))
+    }
+}
+
+/// The groups `options` cuts `entries` into, in order: one per subject (and session) with `multichannel`,
+/// else one per image. Every entry gets its targets (the `label` standing in for an absent target list).
+pub fn window_groups(entries: &[BidsEntry], options: &SamplingOptions) -> Result<Vec<WindowGroup>> {
+    if entries.is_empty() {
+        bail!("no images to load: the dataset split is empty");
+    }
+    let entries: Vec<BidsEntry> = entries
+        .iter()
+        .map(|e| BidsEntry {
+            targets: target_paths(e),
+            ..e.clone()
+        })
+        .collect();
+    let classes = entries[0].targets.len();
+    if let Some(other) = entries.iter().find(|e| e.targets.len() != classes) {
+        bail!(
+            "{} has {} targets but {} has {classes}: every image needs the same target suffixes",
+            other.image.display(),
+            other.targets.len(),
+            entries[0].image.display()
+        );
+    }
+    let groups: Vec<Vec<&BidsEntry>> = if options.multichannel {
+        group_by_subject(&entries)
+    } else {
+        entries.iter().map(|e| vec![e]).collect()
+    };
+    let mut all_contrasts: Vec<String> = Vec::new();
+    for entry in &entries {
+        if !all_contrasts.contains(&entry.contrast) {
+            all_contrasts.push(entry.contrast.clone());
+        }
+    }
+    let channel_contrasts = if options.contrasts.is_empty() {
+        all_contrasts
+    } else {
+        options.contrasts.clone()
+    };
+    Ok(groups
+        .into_iter()
+        .map(|group| WindowGroup {
+            params: ChannelParams {
+                contrasts: if options.multichannel {
+                    channel_contrasts.clone()
+                } else {
+                    vec![group[0].contrast.clone()]
+                },
+                target_suffixes: (0..classes).map(|k| format!("target {k}")).collect(),
+                missing_contrast: options.missing_contrast,
+                soft_gt: options.soft_gt,
+                require_roi: options.filters.slice_filter_roi.is_some(),
+            },
+            entries: group.into_iter().cloned().collect(),
+        })
+        .collect())
+}
+
+/// A group's volumes, assembled (see [`crate::channels::assemble`]).
+pub struct LoadedGroup {
+    /// `[C, X, Y, Z]`
+    pub input: Tensor,
+    /// `[K, X, Y, Z]`, binary unless `soft_gt`
+    pub target: Tensor,
+    /// `[1, X, Y, Z]`, when the ROI filter needs it
+    pub roi: Option<Tensor>,
+    /// The grid's spacing (X, Y, Z), from the first file read (channels.rs checks every file shares the grid).
+    pub spacing: Vec<f64>,
+    /// `[C]`: 1 for a contrast the group lacks (a zero channel, `MissingContrast::ZeroChannel`), else 0.
+    pub missing_modalities: Tensor,
+}
+
+/// Reads and assembles `group`; `None` when it is skipped.
+pub fn load_group(group: &WindowGroup) -> Result<Option<LoadedGroup>> {
+    let mut volume_spacing: Option<Vec<f64>> = None;
+    let mut load = |path: &std::path::Path| -> Result<Tensor> {
+        let volume = crate::volume::read_volume(path)?;
+        volume_spacing.get_or_insert(volume.spacing.to_vec());
+        Ok(volume.data)
+    };
+    let members: Vec<&BidsEntry> = group.entries.iter().collect();
+    let sample = match assemble(&group.params, &members, &mut load)? {
+        Assembled::Sample(sample) => sample,
+        Assembled::Skipped { .. } => return Ok(None),
+    };
+    let spacing = volume_spacing.context("no file was read")?;
+    let target = sample
+        .target
+        .with_context(|| format!("{}: no target", group.entries[0].image.display()))?;
+    Ok(Some(LoadedGroup {
+        input: sample.input,
+        target,
+        roi: sample.roi,
+        spacing,
+        missing_modalities: sample.missing_modalities,
+    }))
+}
+
+/// The pipeline seed of window `index` of the `volume`-th kept group.
+pub fn window_seed(seed: u64, volume: usize, index: usize) -> u64 {
+    derive_seed(seed, (volume as u64) << 20 | index as u64)
+}
+
+/// `window` of `group` through `pipeline`'s `phase` steps (seeded by `item_seed`): image, label (binarised
+/// at 0.5 unless `soft_gt`) and spacing. `source` names the group in errors.
+pub fn window_item(
+    group: &LoadedGroup,
+    window: &crate::sampling::Window,
+    pipeline: &Pipeline,
+    phase: Phase,
+    item_seed: u64,
+    soft_gt: bool,
+    source: &BidsEntry,
+) -> Result<(Tensor, Tensor, Vec<f64>)> {
+    let mut item = Sample::new();
+    // Copies, so nothing downstream aliases the group's volume (a cached group lends its memory).
+    item.insert("image", window.extract(&group.input)?.copy());
+    item.insert("label", window.extract(&group.target)?.copy());
+    let window_spacing: Vec<f64> = match window.axis {
+        Some(axis) => plane_axes(axis).iter().map(|&a| group.spacing[a]).collect(),
+        None => group.spacing.clone(),
+    };
+    item.set_spacing(&window_spacing);
+    let (item, _) = pipeline.apply_in(phase, item, item_seed).with_context(|| {
+        format!(
+            "preprocessing window {:?}+{:?} of {}",
+            window.origin,
+            window.extent,
+            source.image.display()
+        )
+    })?;
+    let label = item.get("label")?;
+    Ok((
+        item.get("image")?.shallow_clone(),
+        if soft_gt {
+            label.shallow_clone()
+        } else {
+            label.ge(0.5).to_kind(Kind::Float)
+        },
+        item.spacing()?,
+    ))
 }
 
 /// Preprocessed 2D slices stacked into tensors, with the volume each slice came from.
@@ -480,41 +654,6 @@ impl SliceSet {
         seed: u64,
         options: &SamplingOptions,
     ) -> Result<Self> {
-        if entries.is_empty() {
-            bail!("no images to load: the dataset split is empty");
-        }
-        let entries: Vec<BidsEntry> = entries
-            .iter()
-            .map(|e| BidsEntry {
-                targets: target_paths(e),
-                ..e.clone()
-            })
-            .collect();
-        let classes = entries[0].targets.len();
-        if let Some(other) = entries.iter().find(|e| e.targets.len() != classes) {
-            bail!(
-                "{} has {} targets but {} has {classes}: every image needs the same target suffixes",
-                other.image.display(),
-                other.targets.len(),
-                entries[0].image.display()
-            );
-        }
-        let groups: Vec<Vec<&BidsEntry>> = if options.multichannel {
-            group_by_subject(&entries)
-        } else {
-            entries.iter().map(|e| vec![e]).collect()
-        };
-        let mut all_contrasts: Vec<String> = Vec::new();
-        for entry in &entries {
-            if !all_contrasts.contains(&entry.contrast) {
-                all_contrasts.push(entry.contrast.clone());
-            }
-        }
-        let channel_contrasts = if options.contrasts.is_empty() {
-            all_contrasts
-        } else {
-            options.contrasts.clone()
-        };
         let training = phase == Phase::Training;
         let mut images = Vec::new();
         let mut labels = Vec::new();
@@ -522,76 +661,36 @@ impl SliceSet {
         let mut volumes = Vec::new();
         let mut spacing = Vec::new();
         let mut available: Vec<Tensor> = Vec::new();
-        for group in groups {
-            let params = ChannelParams {
-                contrasts: if options.multichannel {
-                    channel_contrasts.clone()
-                } else {
-                    vec![group[0].contrast.clone()]
-                },
-                target_suffixes: (0..classes).map(|k| format!("target {k}")).collect(),
-                missing_contrast: options.missing_contrast,
-                soft_gt: options.soft_gt,
-                require_roi: options.filters.slice_filter_roi.is_some(),
+        for group in window_groups(entries, options)? {
+            let Some(loaded) = load_group(&group)? else {
+                continue;
             };
-            // The grid's spacing, from the first file read (channels.rs checks every file shares the grid).
-            let mut volume_spacing: Option<Vec<f64>> = None;
-            let mut load = |path: &std::path::Path| -> Result<Tensor> {
-                let volume = crate::volume::read_volume(path)?;
-                volume_spacing.get_or_insert(volume.spacing.to_vec());
-                Ok(volume.data)
-            };
-            let sample = match assemble(&params, &group, &mut load)? {
-                Assembled::Sample(sample) => sample,
-                Assembled::Skipped { .. } => continue,
-            };
-            let volume_spacing = volume_spacing.context("no file was read")?;
-            let target = sample
-                .target
-                .as_ref()
-                .with_context(|| format!("{}: no target", group[0].image.display()))?;
             let windows = select(
                 &options.mode,
-                &sample.input,
-                Some(target),
-                sample.roi.as_ref(),
+                &loaded.input,
+                Some(&loaded.target),
+                loaded.roi.as_ref(),
                 &options.filters,
                 training,
             )?;
             let volume = volumes.len();
             for (index, window) in windows.iter().enumerate() {
-                let mut item = Sample::new();
-                item.insert("image", window.extract(&sample.input)?);
-                item.insert("label", window.extract(target)?);
-                let window_spacing: Vec<f64> = match window.axis {
-                    Some(axis) => plane_axes(axis)
-                        .iter()
-                        .map(|&a| volume_spacing[a])
-                        .collect(),
-                    None => volume_spacing.clone(),
-                };
-                item.set_spacing(&window_spacing);
-                let item_seed = derive_seed(seed, (volume as u64) << 20 | index as u64);
-                let (item, _) = pipeline.apply_in(phase, item, item_seed).with_context(|| {
-                    format!(
-                        "preprocessing window {:?}+{:?} of {}",
-                        window.origin,
-                        window.extent,
-                        group[0].image.display()
-                    )
-                })?;
-                let label = item.get("label")?;
-                images.push(item.get("image")?.shallow_clone());
-                labels.push(if options.soft_gt {
-                    label.shallow_clone()
-                } else {
-                    label.ge(0.5).to_kind(Kind::Float)
-                });
-                spacing.push(item.spacing()?);
+                let (image, label, item_spacing) = window_item(
+                    &loaded,
+                    window,
+                    pipeline,
+                    phase,
+                    window_seed(seed, volume, index),
+                    options.soft_gt,
+                    &group.entries[0],
+                )?;
+                images.push(image);
+                labels.push(label);
+                spacing.push(item_spacing);
                 volume_of_slice.push(volume);
-                available.push(sample.missing_modalities.f_neg()?.f_add_scalar(1.0)?);
+                available.push(loaded.missing_modalities.f_neg()?.f_add_scalar(1.0)?);
             }
-            volumes.push(group[0].image.display().to_string());
+            volumes.push(group.entries[0].image.display().to_string());
         }
         if images.is_empty() {
             bail!("no sample left to train on: every subject was skipped or every window filtered out");
@@ -692,6 +791,27 @@ impl SliceSet {
         epoch: u64,
         device: Device,
     ) -> Result<(Tensor, Tensor)> {
+        self.augmented_batch_as(indices, indices, augment, seed, epoch, device)
+    }
+
+    /// [`SliceSet::augmented_batch`] where slice `indices[i]` draws as sample `seed_ids[i]` of the epoch: a
+    /// lazily loaded batch (whose slices are `0..B` of a small set) draws as the same samples of the whole set.
+    pub fn augmented_batch_as(
+        &self,
+        indices: &[i64],
+        seed_ids: &[i64],
+        augment: &Pipeline,
+        seed: u64,
+        epoch: u64,
+        device: Device,
+    ) -> Result<(Tensor, Tensor)> {
+        if seed_ids.len() != indices.len() {
+            bail!(
+                "{} seed ids for a batch of {} slices",
+                seed_ids.len(),
+                indices.len()
+            );
+        }
         let epoch_seed = derive_seed(seed, epoch);
         if indices.is_empty() {
             bail!("cannot augment an empty batch");
@@ -710,7 +830,7 @@ impl SliceSet {
             meta.set_spacing(&self.spacing[slice as usize]);
             batch.metas.push(meta.meta);
         }
-        let seeds: Vec<u64> = indices
+        let seeds: Vec<u64> = seed_ids
             .iter()
             .map(|&slice| derive_seed(epoch_seed, slice as u64))
             .collect();
@@ -726,13 +846,18 @@ impl SliceSet {
             })?;
         let images = batch.get("image")?;
         let labels = batch.get("label")?;
-        let expected = self.images.size();
-        if images.size()[1..] != expected[1..] || labels.size()[1..] != expected[1..] {
-            bail!(
-                "the augmentation pipeline changed slice shapes ({:?} vs {:?}); spatial augmentations must keep the shape",
-                &expected[1..],
-                &images.size()[1..]
-            );
+        // Inputs have C channels and targets K: each keeps its own shape.
+        for (name, before, after) in [
+            ("image", self.images.size(), images.size()),
+            ("label", self.labels.size(), labels.size()),
+        ] {
+            if after[1..] != before[1..] {
+                bail!(
+                    "the augmentation pipeline changed {name} shapes ({:?} vs {:?}); spatial augmentations must keep the shape",
+                    &before[1..],
+                    &after[1..]
+                );
+            }
         }
         Ok((
             images.to_device(device),

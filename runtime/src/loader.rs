@@ -10,9 +10,9 @@
 //!
 //! Dropping the loader (end of epoch, early stop, an error in the loop) stops the workers: they finish the
 //! batch in hand, see the stop flag and exit; the drop joins them.
-use crate::cache::CachedSlices;
+use crate::cache::LazySamples;
 use crate::data::SliceSet;
-use crate::pipeline::{derive_seed, LivePipeline};
+use crate::pipeline::LivePipeline;
 use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -108,6 +108,7 @@ impl<'a, T: Send + 'static> Loader<'a, T> {
         options: LoaderOptions,
         mut make_worker: impl FnMut(usize) -> BuildBatch<T> + 'a,
     ) -> Self {
+        tune_allocator();
         let prefetch = options.prefetch.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -198,10 +199,51 @@ impl<'a, T: Send + 'static> Loader<'a, T> {
     fn stop(&mut self) {
         self.shared.lock().stopped = true;
         self.shared.changed.notify_all();
+        let joined = !self.workers.is_empty();
         for handle in self.workers.drain(..) {
             // Worker panics are caught inside; a join error would only repeat one.
             let _ = handle.join();
         }
+        if joined {
+            release_free_memory();
+        }
+    }
+}
+
+/// Allocations at least this large get their own mapping, returned to the system when freed: volumes do,
+/// batches and their intermediates (a few MiB) stay in the heap, where reusing them costs no page faults.
+const MMAP_THRESHOLD: i32 = 8 << 20;
+/// Threads that get a malloc arena of their own; more share them.
+const ARENA_MAX: i32 = 4;
+
+/// Keeps glibc's heap from holding freed loader memory (once per process; `IVADO_MALLOC_DEFAULTS=1` keeps
+/// glibc's defaults, to measure the difference).
+///
+/// A freed mapping raises glibc's dynamic mmap threshold to its size, after which volume- and batch-sized
+/// buffers come from the heap arenas, where fragmentation keeps them resident: a fixed threshold keeps them
+/// mapped, so freeing one returns it. Each thread that allocates concurrently gets an arena of up to 64 MiB
+/// reserved (8 per core by default); a few shared arenas hold the small allocations just as well.
+pub fn tune_allocator() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("IVADO_MALLOC_DEFAULTS").is_some_and(|v| v == "1") {
+            return;
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused (returns 0).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
+        }
+    });
+}
+
+/// Returns the free memory at the top of glibc's heaps to the system (after an epoch's workers exit).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory that is free.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -311,11 +353,12 @@ pub fn slice_batches<'a>(
     })
 }
 
-/// The batches of one epoch of a [`CachedSlices`] set: each worker reads its slices through the caches,
-/// then augments them with [`SliceSet::augmented_batch`]. A slice's draw is seeded by (`seed`, `epoch`,
-/// batch, position in the batch), i.e. by its place in the epoch's order.
-pub fn cached_batches(
-    set: Arc<CachedSlices>,
+/// The batches of one epoch of a lazily read set ([`crate::cache::CachedSlices`],
+/// [`crate::cache::CachedWindows`]): each worker reads its samples through the caches, then augments them
+/// with [`SliceSet::augmented_batch_as`]. Sample `i` draws as sample `i` of the in-memory set does (seeded
+/// by `seed`, `epoch` and its index), so the batches equal [`slice_batches`]' over the same samples.
+pub fn cached_batches<S: LazySamples + ?Sized + 'static>(
+    set: Arc<S>,
     augment: Option<LivePipeline>,
     batches: Vec<Vec<i64>>,
     seed: u64,
@@ -329,22 +372,21 @@ pub fn cached_batches(
         let augment = augment.clone();
         let batches = Arc::clone(&batches);
         Box::new(move |index| {
-            let slices = set.batch_set(&batches[index])?;
-            let local: Vec<i64> = (0..slices.len() as i64).collect();
+            let indices = &batches[index];
+            let samples = set.batch_set(indices)?;
+            let local: Vec<i64> = (0..samples.len() as i64).collect();
             let (images, labels) = match &augment {
-                Some(live) => slices.augmented_batch(
+                Some(live) => samples.augmented_batch_as(
                     &local,
+                    indices,
                     &live.current(),
-                    derive_seed(seed, BATCH_STREAM + index as u64),
+                    seed,
                     epoch,
                     Device::Cpu,
                 )?,
-                None => slices.batch(&local, Device::Cpu),
+                None => (samples.images, samples.labels),
             };
             Ok((to_device(images, device)?, to_device(labels, device)?))
         })
     })
 }
-
-/// Seed stream of the batches of [`cached_batches`].
-const BATCH_STREAM: u64 = 0xBA7C_0000_0000;

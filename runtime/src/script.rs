@@ -454,25 +454,37 @@ fn prepare_training(
     // Training slices in memory, or lazily from a volume cache under a byte budget.
     enum TrainSlices {
         Memory(SliceSet),
-        Cached(Arc<crate::cache::CachedSlices>),
+        Cached(Arc<dyn crate::cache::LazySamples>),
     }
     let mut train_slices = match options.get("cache") {
         Some(value) => {
-            if sampling != crate::data::SamplingOptions::default() {
-                return Err(script_error(anyhow!(
-                    "{function}: `cache` trains on plain axial slices only (no other sampling option)"
-                )));
-            }
             let cache = cache_options(function, &to_json(value)?)?;
-            let set = crate::cache::CachedSlices::new(
-                train_set.entries.to_vec(),
-                Pipeline::default(),
-                pipeline.clone(),
-                Phase::Training,
-                &cache,
-            )
-            .map_err(script_error)?;
-            TrainSlices::Cached(Arc::new(set))
+            let set: Arc<dyn crate::cache::LazySamples> =
+                if sampling.is_plain_axial(&train_set.entries) {
+                    Arc::new(
+                        crate::cache::CachedSlices::new(
+                            train_set.entries.to_vec(),
+                            Pipeline::default(),
+                            pipeline.clone(),
+                            Phase::Training,
+                            &cache,
+                        )
+                        .map_err(script_error)?,
+                    )
+                } else {
+                    Arc::new(
+                        crate::cache::CachedWindows::new(
+                            &train_set.entries,
+                            pipeline.clone(),
+                            Phase::Training,
+                            config.seed,
+                            &sampling,
+                            &cache,
+                        )
+                        .map_err(script_error)?,
+                    )
+                };
+            TrainSlices::Cached(set)
         }
         None => TrainSlices::Memory(
             SliceSet::build_sampled(

@@ -7,7 +7,7 @@
 //! from it at the start of every epoch. So a checkpoint only has to hold weights, optimizer and scheduler
 //! state, early-stopping state and the history, and a run killed at any point repeats the interrupted epoch
 //! bit for bit.
-use crate::cache::CachedSlices;
+use crate::cache::{CachedSlices, CachedWindows, LazySamples};
 use crate::channels::{zero_missing_channels, ModalityDrops};
 use crate::data::SliceSet;
 use crate::loader::{cached_batches, slice_batches, Loader, LoaderOptions};
@@ -358,11 +358,11 @@ impl<T> From<Rc<T>> for Held<'_, T> {
     }
 }
 
-/// The training samples: every one in memory, or read lazily through [`CachedSlices`] under a memory budget
-/// (2D axial slices).
+/// The training samples: every one in memory, or read lazily under a memory budget, through
+/// [`CachedSlices`] (plain axial slices) or [`CachedWindows`] (any sampling).
 pub enum TrainData<'a> {
     Memory(Held<'a, SliceSet>),
-    Cached(Arc<CachedSlices>),
+    Cached(Arc<dyn LazySamples>),
 }
 
 impl TrainData<'_> {
@@ -410,6 +410,12 @@ impl From<Rc<SliceSet>> for TrainData<'_> {
 
 impl From<Arc<CachedSlices>> for TrainData<'_> {
     fn from(value: Arc<CachedSlices>) -> Self {
+        TrainData::Cached(value)
+    }
+}
+
+impl From<Arc<CachedWindows>> for TrainData<'_> {
+    fn from(value: Arc<CachedWindows>) -> Self {
         TrainData::Cached(value)
     }
 }
@@ -537,6 +543,10 @@ impl<'a> Trainer<'a> {
         if matches!(train_set, TrainData::Cached(_)) && config.balanced_epochs > 0 {
             // Balancing needs every slice's label up front, which a lazy set does not hold.
             bail!("balanced_epochs needs the training slices in memory: remove `cache` or `balanced_epochs`");
+        }
+        if matches!(train_set, TrainData::Cached(_)) && config.modality_drops.is_some() {
+            // The availability mask of HeMIS training is built with the in-memory samples.
+            bail!("a hemis_unet model trains on samples in memory: remove `cache`");
         }
         std::fs::create_dir_all(&config.out_dir)
             .with_context(|| format!("creating {}", config.out_dir.display()))?;
