@@ -723,7 +723,10 @@ impl PreparedGroup {
             roi: None,
             spacing: self.spacing.clone(),
             // The lazy path carries no availability mask: training refuses `cache` with a HeMIS model.
-            missing_modalities: Tensor::zeros([self.input_shape[0]], (Kind::Float, tch::Device::Cpu)),
+            missing_modalities: Tensor::zeros(
+                [self.input_shape[0]],
+                (Kind::Float, tch::Device::Cpu),
+            ),
         })
     }
 }
