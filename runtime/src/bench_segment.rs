@@ -268,7 +268,7 @@ fn run_cases(
             device,
             tta: case.tta,
             precision: case.precision,
-            batch_size: 16,
+            batch_size: crate::infer::default_batch_size(device),
             ..SegmentOptions::default()
         };
         let mut runs = Vec::with_capacity(repeats);

@@ -191,9 +191,9 @@ struct SegmentArgs {
     /// Weight overlapping tiles with nnU-Net's Gaussian instead of ivadomed's plain average.
     #[arg(long)]
     gaussian: bool,
-    /// Tiles per forward pass.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Tiles per forward pass [default: 2 on a CPU, where small batches run faster; 16 on a GPU].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Forward precision: auto (the model folder's `inference.precision`, else bf16 on a CPU or GPU with
     /// native bf16, else fp32), fp32, bf16 or fp16 (CUDA).
     #[arg(long, default_value = "auto")]
@@ -434,6 +434,10 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(precision) = precision {
                 precision.check(device)?;
             }
+            let batch_size = args
+                .batch_size
+                .unwrap_or_else(|| infer::default_batch_size(device))
+                .max(1);
             let options = infer::SegmentOptions {
                 sampling: infer::SamplingOverride {
                     slice_axis: args
@@ -454,7 +458,7 @@ fn run(cli: Cli) -> Result<()> {
                     whole_volume: args.whole_volume,
                 },
                 gaussian: args.gaussian,
-                batch_size: args.batch_size,
+                batch_size,
                 device,
                 precision,
                 stitch_on_cpu: args.stitch_on_cpu,
@@ -484,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
                         &registry,
                         image,
                         device,
-                        args.batch_size,
+                        batch_size,
                     )?;
                     let output = match &target {
                         infer::OutputTarget::File(path) => path.clone(),

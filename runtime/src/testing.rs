@@ -189,7 +189,8 @@ pub struct TestOptions {
     pub threshold: f64,
     /// Label suffix per class; empty: taken from the recorded test labels.
     pub target_suffixes: Vec<String>,
-    pub batch_size: usize,
+    /// Slices per forward pass; `None`: [`infer::default_batch_size`] of the device.
+    pub batch_size: Option<usize>,
 }
 
 impl Default for TestOptions {
@@ -199,7 +200,7 @@ impl Default for TestOptions {
             out: None,
             threshold: 0.5,
             target_suffixes: Vec::new(),
-            batch_size: 16,
+            batch_size: None,
         }
     }
 }
@@ -230,11 +231,13 @@ impl TestOptions {
                         .context("test_model: `threshold` must be a number")?
                 }
                 "batch_size" => {
-                    parsed.batch_size = value
-                        .as_u64()
-                        .filter(|&n| n > 0)
-                        .context("test_model: `batch_size` must be a positive integer")?
-                        as usize
+                    parsed.batch_size = Some(
+                        value
+                            .as_u64()
+                            .filter(|&n| n > 0)
+                            .context("test_model: `batch_size` must be a positive integer")?
+                            as usize,
+                    )
                 }
                 "target_suffix" => {
                     parsed.target_suffixes = match value {
@@ -388,7 +391,9 @@ pub fn test_run(
             registry,
             &image.image,
             device,
-            options.batch_size,
+            options
+                .batch_size
+                .unwrap_or_else(|| infer::default_batch_size(device)),
         )
         .with_context(|| format!("segmenting {}", image.image.display()))?;
         let written = infer::write_segmentation(
@@ -559,9 +564,9 @@ pub struct TestArgs {
     /// Label suffix per class (default: the suffix of the recorded test labels); repeatable.
     #[arg(long = "target-suffix", value_name = "SUFFIX")]
     pub target_suffixes: Vec<String>,
-    /// Slices per forward pass.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    /// Slices per forward pass [default: 2 on a CPU, where small batches run faster; 16 on a GPU].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
 }
 
 /// Runs `ivado test` and prints the summary.
@@ -571,7 +576,7 @@ pub fn test_command(args: &TestArgs, registry: &PluginRegistry, device: Device) 
         out: args.out.clone(),
         threshold: args.threshold,
         target_suffixes: args.target_suffixes.clone(),
-        batch_size: args.batch_size.max(1),
+        batch_size: args.batch_size.map(|n| n.max(1)),
     };
     let report = test_run(&args.run, registry, device, &options)?;
     print!("{}", summary_text(&report));
