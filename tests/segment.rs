@@ -1,6 +1,7 @@
 //! Inference end to end: tiling, undoing the preprocessing and stitching reconstruct the input exactly through
 //! an identity network; TTA, MC dropout and uncertainty outputs; a model trained here segments a real volume
 //! whose header and voxel order the outputs keep.
+use ivado_runtime::bids::BidsEntry;
 use ivado_runtime::data::SliceSet;
 use ivado_runtime::infer::{
     self, LoadedVolume, OutputTarget, Sampling, SegmentOptions, VolumeInput,
@@ -10,7 +11,7 @@ use ivado_runtime::pipeline::{Phase, Pipeline};
 use ivado_runtime::plugin::{PluginRegistry, SearchPath};
 use ivado_runtime::precision::Precision;
 use ivado_runtime::tiling::SliceAxis;
-use ivado_runtime::train::TrainConfig;
+use ivado_runtime::train::{TrainConfig, TrainReport};
 use ivado_sdk::Sample;
 use ivado_tests::{
     artifact_dir, assert_same_geometry, crop_and_normalise, fixture_library,
@@ -56,6 +57,43 @@ fn identity_folder(
 
 fn max_abs_difference(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
+}
+
+/// A unet2d (`model_config`) trained with seed 1 for `epochs` in batches of `batch_size` on sub-unf01's T2w,
+/// validated on sub-unf02's, cropped to 64x64 and normalised. Returns the run folder (deleted when dropped),
+/// the report, the T2w entries and the registry.
+fn unet2d_trained_on_unf01(
+    epochs: usize,
+    batch_size: usize,
+    model_config: Value,
+) -> (
+    tempfile::TempDir,
+    TrainReport,
+    Vec<BidsEntry>,
+    PluginRegistry,
+) {
+    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
+    let registry = registry();
+    let pipeline = crop_and_normalise(&registry, [64, 64]);
+    let train_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf01")], &pipeline, 0).unwrap();
+    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf02")], &pipeline, 0).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        epochs,
+        batch_size,
+        seed: 1,
+        ..TrainConfig::new(out.path(), Device::Cpu)
+    };
+    let (_, report) = train_small_model(
+        &registry,
+        ("unet2d", model_config),
+        &pipeline,
+        (&train_set, &valid_set),
+        &json!({}),
+        &config,
+        None,
+    );
+    (out, report, entries, registry)
 }
 
 fn one(path: PathBuf) -> VolumeInput {
@@ -497,29 +535,10 @@ fn mc_dropout_passes_differ_eval_passes_do_not_and_uncertainty_maps_are_written_
 
 #[test]
 fn a_model_trained_here_segments_a_real_volume_into_its_source_geometry() {
-    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
-    let registry = registry();
-    let pipeline = crop_and_normalise(&registry, [64, 64]);
-    let train_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf01")], &pipeline, 0).unwrap();
-    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf02")], &pipeline, 0).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let config = TrainConfig {
-        epochs: 2,
-        batch_size: 8,
-        seed: 1,
-        ..TrainConfig::new(out.path(), Device::Cpu)
-    };
-    let (_, report) = train_small_model(
-        &registry,
-        (
-            "unet2d",
-            json!({"depth": 2, "n_filters": 4, "dropout_rate": 0.3}),
-        ),
-        &pipeline,
-        (&train_set, &valid_set),
-        &json!({}),
-        &config,
-        None,
+    let (out, report, entries, _) = unet2d_trained_on_unf01(
+        2,
+        8,
+        json!({"depth": 2, "n_filters": 4, "dropout_rate": 0.3}),
     );
     // 2D patches within axial slices, recorded in the folder, with overlap.
     model_folder::set_section(
@@ -600,29 +619,10 @@ fn dice(a: &Tensor, b: &Tensor) -> f64 {
 /// leaves behind do not change a later fp32 run.
 #[test]
 fn bf16_segments_a_real_volume_like_fp32() {
-    let entries = functional_testing_entries(&["T2w"], &["_seg-manual"]);
-    let registry = registry();
-    let pipeline = crop_and_normalise(&registry, [64, 64]);
-    let train_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf01")], &pipeline, 0).unwrap();
-    let valid_set = SliceSet::build(&[t2w_entry(&entries, "sub-unf02")], &pipeline, 0).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let config = TrainConfig {
-        epochs: 6,
-        batch_size: 4,
-        seed: 1,
-        ..TrainConfig::new(out.path(), Device::Cpu)
-    };
-    let (_, report) = train_small_model(
-        &registry,
-        (
-            "unet2d",
-            json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
-        ),
-        &pipeline,
-        (&train_set, &valid_set),
-        &json!({}),
-        &config,
-        None,
+    let (_out, report, entries, registry) = unet2d_trained_on_unf01(
+        6,
+        4,
+        json!({"depth": 2, "n_filters": 8, "dropout_rate": 0.0}),
     );
     let loaded = model_folder::load(&report.model_dir, &registry, Device::Cpu).unwrap();
     let volume = infer::load_volume(&one(t2w_entry(&entries, "sub-unf03").image)).unwrap();

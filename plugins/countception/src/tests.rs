@@ -183,7 +183,7 @@ fn overfits_one_heatmap() {
 
 /// The same at ivadomed's full width: minutes on two CPU cores, so only on request (`-- --ignored`).
 #[test]
-#[ignore]
+#[ignore = "minutes on two CPU cores"]
 fn full_width_overfits_one_heatmap() {
     ivado_sdk::tch::manual_seed(2);
     let (store, model) = build(json!({})).unwrap();
