@@ -317,6 +317,31 @@ pub fn entry_key(entry: &BidsEntry, prefix: &str) -> Result<String> {
     Ok(sha256_hex(&format!("{identity}\0{prefix}")))
 }
 
+/// Opens a cache file written by `DiskCache::write_framed`: its header, the number of data bytes after the
+/// frame, and a reader positioned at the data. `None` when it is missing, of another kind or unreadable.
+fn open_framed<H: serde::de::DeserializeOwned>(
+    path: &Path,
+    magic: &[u8; 8],
+) -> Option<(H, usize, std::io::BufReader<std::fs::File>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let file_len = file.metadata().ok()?.len() as usize;
+    let mut reader = std::io::BufReader::new(file);
+    let mut found = [0u8; 8];
+    reader.read_exact(&mut found).ok()?;
+    if &found != magic {
+        return None;
+    }
+    let mut length = [0u8; 8];
+    reader.read_exact(&mut length).ok()?;
+    let header_len = u64::from_le_bytes(length) as usize;
+    let mut header = vec![0u8; header_len.min(file_len)];
+    reader.read_exact(&mut header).ok()?;
+    let header: H = serde_json::from_slice(&header).ok()?;
+    let data_len = file_len.checked_sub(16 + header_len)?;
+    Some((header, data_len, reader))
+}
+
 const DISK_MAGIC: &[u8; 8] = b"IVADOVC1";
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -351,25 +376,13 @@ impl DiskCache {
     /// Read straight into the volume's vectors: no second copy of the file in memory.
     pub fn load(&self, key: &str) -> Option<PreparedVolume> {
         use std::io::Read;
-        let file = std::fs::File::open(self.path(key)).ok()?;
-        let file_len = file.metadata().ok()?.len() as usize;
-        let mut reader = std::io::BufReader::new(file);
-        let mut magic = [0u8; 8];
-        reader.read_exact(&mut magic).ok()?;
-        if &magic != DISK_MAGIC {
-            return None;
-        }
-        let mut length = [0u8; 8];
-        reader.read_exact(&mut length).ok()?;
-        let header_len = u64::from_le_bytes(length) as usize;
-        let mut header = vec![0u8; header_len.min(file_len)];
-        reader.read_exact(&mut header).ok()?;
-        let header: DiskHeader = serde_json::from_slice(&header).ok()?;
+        let (header, data_len, mut reader) =
+            open_framed::<DiskHeader>(&self.path(key), DISK_MAGIC)?;
         let count = header
             .shape
             .iter()
             .try_fold(1usize, |n, &s| n.checked_mul(s))?;
-        if file_len != 16 + header_len + count * 5 || header.spacing.len() != header.shape[0] {
+        if data_len != count * 5 || header.spacing.len() != header.shape[0] {
             return None;
         }
         let image = read_f32s(&mut reader, count)?;
@@ -386,22 +399,35 @@ impl DiskCache {
 
     /// Writes `volume` under `key` atomically, streaming its data (no serialised copy in memory).
     pub fn store(&self, key: &str, volume: &PreparedVolume) -> Result<()> {
-        let header = serde_json::to_vec(&DiskHeader {
+        let header = DiskHeader {
             source: volume.source.clone(),
             shape: volume.shape,
             spacing: volume.spacing.clone(),
-        })?;
-        self.write_parts(
+        };
+        self.write_framed(
             key,
             &self.path(key),
-            &[
-                DISK_MAGIC,
-                &(header.len() as u64).to_le_bytes(),
-                &header,
-                &f32_bytes(&volume.image),
-                &volume.label,
-            ],
+            DISK_MAGIC,
+            &header,
+            &[&f32_bytes(&volume.image), &volume.label],
         )
+    }
+
+    /// Writes a cache file: `magic`, the JSON header's length (u64 LE), the header, then `data`
+    /// ([`open_framed`] reads the frame back).
+    fn write_framed(
+        &self,
+        key: &str,
+        path: &Path,
+        magic: &[u8; 8],
+        header: &impl serde::Serialize,
+        data: &[&[u8]],
+    ) -> Result<()> {
+        let header = serde_json::to_vec(header)?;
+        let length = (header.len() as u64).to_le_bytes();
+        let mut parts: Vec<&[u8]> = vec![magic, &length, &header];
+        parts.extend_from_slice(data);
+        self.write_parts(key, path, &parts)
     }
 
     /// Writes `parts` one after the other into a temporary file of the cache folder, then renames it to `path`.
@@ -587,15 +613,8 @@ impl CachedSlices {
                     .to_string(),
             );
         }
-        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
-            bail!(
-                "preprocessed slices differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
-                images[0].size(),
-                other.size()
-            );
-        }
         Ok(SliceSet {
-            images: Tensor::stack(&images, 0),
+            images: crate::data::stack_samples(&images, "slices")?,
             labels: Tensor::stack(&labels, 0),
             volume_of_slice,
             volumes,
@@ -782,24 +801,11 @@ impl DiskCache {
 
     /// The group stored under `key`, if a complete one is there (read without a second buffer).
     pub fn load_group(&self, key: &str) -> Option<PreparedGroup> {
-        use std::io::Read;
-        let file = std::fs::File::open(self.group_path(key)).ok()?;
-        let file_len = file.metadata().ok()?.len() as usize;
-        let mut reader = std::io::BufReader::new(file);
-        let mut magic = [0u8; 8];
-        reader.read_exact(&mut magic).ok()?;
-        if &magic != DISK_GROUP_MAGIC {
-            return None;
-        }
-        let mut length = [0u8; 8];
-        reader.read_exact(&mut length).ok()?;
-        let header_len = u64::from_le_bytes(length) as usize;
-        let mut header = vec![0u8; header_len.min(file_len)];
-        reader.read_exact(&mut header).ok()?;
-        let header: DiskGroupHeader = serde_json::from_slice(&header).ok()?;
+        let (header, data_len, mut reader) =
+            open_framed::<DiskGroupHeader>(&self.group_path(key), DISK_GROUP_MAGIC)?;
         let inputs = element_count(&header.input_shape)?;
         let targets = element_count(&header.target_shape)?;
-        if file_len != 16 + header_len + (inputs + targets) * 4 || header.spacing.len() != 3 {
+        if data_len != (inputs + targets) * 4 || header.spacing.len() != 3 {
             return None;
         }
         Some(PreparedGroup {
@@ -814,22 +820,18 @@ impl DiskCache {
 
     /// Writes `group` under `key` atomically, streaming its data (no serialised copy in memory).
     pub fn store_group(&self, key: &str, group: &PreparedGroup) -> Result<()> {
-        let header = serde_json::to_vec(&DiskGroupHeader {
+        let header = DiskGroupHeader {
             source: group.source.clone(),
             input_shape: group.input_shape,
             target_shape: group.target_shape,
             spacing: group.spacing.clone(),
-        })?;
-        self.write_parts(
+        };
+        self.write_framed(
             key,
             &self.group_path(key),
-            &[
-                DISK_GROUP_MAGIC,
-                &(header.len() as u64).to_le_bytes(),
-                &header,
-                &f32_bytes(&group.input),
-                &f32_bytes(&group.target),
-            ],
+            DISK_GROUP_MAGIC,
+            &header,
+            &[&f32_bytes(&group.input), &f32_bytes(&group.target)],
         )
     }
 }
@@ -1109,15 +1111,8 @@ impl LazySamples for CachedWindows {
             let group = self.samples[index as usize].group;
             volumes.push(self.groups[group].entries[0].image.display().to_string());
         }
-        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
-            bail!(
-                "preprocessed samples differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
-                images[0].size(),
-                other.size()
-            );
-        }
         Ok(SliceSet {
-            images: Tensor::stack(&images, 0),
+            images: crate::data::stack_samples(&images, "samples")?,
             labels: Tensor::stack(&labels, 0),
             volume_of_slice: (0..indices.len()).collect(),
             volumes,

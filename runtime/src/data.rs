@@ -452,6 +452,11 @@ pub struct LoadedGroup {
 
 /// Reads and assembles `group`; `None` when it is skipped.
 pub fn load_group(group: &WindowGroup) -> Result<Option<LoadedGroup>> {
+    Ok(assemble_group(group)?.ok())
+}
+
+/// Reads and assembles `group`; `Err(reason)` when it is skipped (a contrast, label or ROI missing).
+pub fn assemble_group(group: &WindowGroup) -> Result<std::result::Result<LoadedGroup, String>> {
     let mut volume_spacing: Option<Vec<f64>> = None;
     let mut load = |path: &std::path::Path| -> Result<Tensor> {
         let volume = crate::volume::read_volume(path)?;
@@ -461,19 +466,35 @@ pub fn load_group(group: &WindowGroup) -> Result<Option<LoadedGroup>> {
     let members: Vec<&BidsEntry> = group.entries.iter().collect();
     let sample = match assemble(&group.params, &members, &mut load)? {
         Assembled::Sample(sample) => sample,
-        Assembled::Skipped { .. } => return Ok(None),
+        Assembled::Skipped { reason, .. } => return Ok(Err(reason)),
     };
     let spacing = volume_spacing.context("no file was read")?;
     let target = sample
         .target
         .with_context(|| format!("{}: no target", group.entries[0].image.display()))?;
-    Ok(Some(LoadedGroup {
+    Ok(Ok(LoadedGroup {
         input: sample.input,
         target,
         roi: sample.roi,
         spacing,
         missing_modalities: sample.missing_modalities,
     }))
+}
+
+/// Preprocessed `what` (slices, samples) stacked into one `[N, ...]` tensor; samples of different shapes are
+/// an error that says how to make them agree.
+pub fn stack_samples(images: &[Tensor], what: &str) -> Result<Tensor> {
+    let Some(first) = images.first() else {
+        bail!("no preprocessed {what} to stack");
+    };
+    if let Some(other) = images.iter().find(|t| t.size() != first.size()) {
+        bail!(
+            "preprocessed {what} differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
+            first.size(),
+            other.size()
+        );
+    }
+    Ok(Tensor::stack(images, 0))
 }
 
 /// The pipeline seed of window `index` of the `volume`-th kept group.
@@ -574,15 +595,8 @@ impl SliceSet {
             }
             volumes.push(entry.image.display().to_string());
         }
-        let shapes: Vec<Vec<i64>> = images.iter().map(|t| t.size()).collect();
-        if shapes.windows(2).any(|w| w[0] != w[1]) {
-            bail!(
-                "preprocessed slices differ in shape ({:?} ...); add a CenterCrop to the pipeline",
-                &shapes[..2]
-            );
-        }
         Ok(Self {
-            images: Tensor::stack(&images, 0),
+            images: stack_samples(&images, "slices")?,
             labels: Tensor::stack(&labels, 0),
             volume_of_slice,
             volumes,
@@ -695,15 +709,8 @@ impl SliceSet {
         if images.is_empty() {
             bail!("no sample left to train on: every subject was skipped or every window filtered out");
         }
-        if let Some(other) = images.iter().find(|t| t.size() != images[0].size()) {
-            bail!(
-                "preprocessed samples differ in shape ({:?} vs {:?}); add a CenterCrop to the pipeline",
-                images[0].size(),
-                other.size()
-            );
-        }
         Ok(Self {
-            images: Tensor::stack(&images, 0),
+            images: stack_samples(&images, "samples")?,
             labels: Tensor::stack(&labels, 0),
             volume_of_slice,
             volumes,

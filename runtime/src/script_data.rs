@@ -9,8 +9,7 @@
 //! [`crate::train::epoch_batch_indices`] and [`crate::train::epoch_batches`], which the training loop calls
 //! too: what `batch(epoch, i)` summarises is what the model sees in that epoch (before mixup).
 use crate::bids::BidsEntry;
-use crate::channels::{assemble, group_by_subject, Assembled, ChannelParams, MissingContrast};
-use crate::data::{SamplingOptions, SliceSet};
+use crate::data::{assemble_group, window_groups, SamplingOptions, SliceSet};
 use crate::loader::LoaderOptions;
 use crate::pipeline::{LivePipeline, Phase, Pipeline};
 use crate::sampling::{select, Filters, SamplingMode, Window};
@@ -100,57 +99,16 @@ impl Samples {
     }
 }
 
-/// Mirrors the grouping of [`SliceSet::build_windows`] (one sample per image, or per subject with
-/// `multichannel`; subjects without a needed contrast or ROI skipped) and counts what [`select`] keeps.
+/// The groups training cuts ([`window_groups`]: one per image, or per subject with `multichannel`), with the
+/// windows [`select`] keeps of each, or why the group is skipped.
 fn count_windows(entries: &[BidsEntry], options: &SamplingOptions) -> Result<Vec<ImageWindows>> {
-    let entries: Vec<BidsEntry> = entries
-        .iter()
-        .map(|e| BidsEntry {
-            targets: if e.targets.is_empty() {
-                vec![e.label.clone()]
-            } else {
-                e.targets.clone()
-            },
-            ..e.clone()
-        })
-        .collect();
-    let classes = entries.first().map_or(1, |e| e.targets.len());
-    let groups: Vec<Vec<&BidsEntry>> = if options.multichannel {
-        group_by_subject(&entries)
-    } else {
-        entries.iter().map(|e| vec![e]).collect()
-    };
-    let mut all_contrasts: Vec<String> = Vec::new();
-    for entry in &entries {
-        if !all_contrasts.contains(&entry.contrast) {
-            all_contrasts.push(entry.contrast.clone());
-        }
-    }
-    let channel_contrasts = if options.contrasts.is_empty() {
-        all_contrasts
-    } else {
-        options.contrasts.clone()
-    };
     let mut counted = Vec::new();
-    for group in groups {
-        let params = ChannelParams {
-            contrasts: if options.multichannel {
-                channel_contrasts.clone()
-            } else {
-                vec![group[0].contrast.clone()]
-            },
-            target_suffixes: (0..classes).map(|k| format!("target {k}")).collect(),
-            missing_contrast: MissingContrast::Skip,
-            soft_gt: options.soft_gt,
-            require_roi: options.filters.slice_filter_roi.is_some(),
-        };
-        let mut load =
-            |path: &Path| -> Result<Tensor> { Ok(crate::volume::read_volume(path)?.data) };
-        let image = group[0].image.display().to_string();
-        let subject = group[0].subject.clone();
-        let sample = match assemble(&params, &group, &mut load)? {
-            Assembled::Sample(sample) => sample,
-            Assembled::Skipped { reason, .. } => {
+    for group in window_groups(entries, options)? {
+        let image = group.entries[0].image.display().to_string();
+        let subject = group.entries[0].subject.clone();
+        let loaded = match assemble_group(&group)? {
+            Ok(loaded) => loaded,
+            Err(reason) => {
                 counted.push(ImageWindows {
                     image,
                     subject,
@@ -163,17 +121,22 @@ fn count_windows(entries: &[BidsEntry], options: &SamplingOptions) -> Result<Vec
                 continue;
             }
         };
-        let target = sample.target.as_ref();
-        let roi = sample.roi.as_ref();
         let cut = |filters: &Filters, training: bool| {
-            select(&options.mode, &sample.input, target, roi, filters, training)
-                .with_context(|| format!("cutting {image}"))
+            select(
+                &options.mode,
+                &loaded.input,
+                Some(&loaded.target),
+                loaded.roi.as_ref(),
+                filters,
+                training,
+            )
+            .with_context(|| format!("cutting {image}"))
         };
         counted.push(ImageWindows {
             total: cut(&Filters::default(), true)?.len(),
             kept_validation: cut(&options.filters, false)?.len(),
             kept: cut(&options.filters, true)?,
-            shape: sample.input.size()[1..].to_vec(),
+            shape: loaded.input.size()[1..].to_vec(),
             image,
             subject,
             skipped: None,

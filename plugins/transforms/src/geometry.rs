@@ -9,9 +9,39 @@ use ivado_sdk::{Batch, PluginError, Result, Sample};
 /// axes (none, a channel axis, ...). Fails, naming the tensors, when spatial shapes disagree, and when the sample
 /// holds no tensor at all.
 pub fn spatial_shape(sample: &Sample, rank: usize, who: &str) -> Result<Vec<i64>> {
+    shared_spatial_shape(
+        sample
+            .tensors
+            .iter()
+            .map(|(name, tensor)| (name.as_str(), tensor.size())),
+        rank,
+        who,
+    )
+}
+
+/// [`spatial_shape`] of a batch (tensors `[B, ...]`): the spatial shape every sample shares. Messages show one
+/// sample's shapes, without the batch axis.
+pub fn batch_spatial_shape(batch: &Batch, rank: usize, who: &str) -> Result<Vec<i64>> {
+    shared_spatial_shape(
+        batch.tensors.iter().map(|(name, tensor)| {
+            (
+                name.as_str(),
+                tensor.size().get(1..).unwrap_or_default().to_vec(),
+            )
+        }),
+        rank,
+        who,
+    )
+}
+
+/// The last `rank` dims every `(name, shape)` shares, `image` being `[C, spatial...]`.
+fn shared_spatial_shape<'a>(
+    shapes: impl Iterator<Item = (&'a str, Vec<i64>)>,
+    rank: usize,
+    who: &str,
+) -> Result<Vec<i64>> {
     let mut reference: Option<(&str, Vec<i64>)> = None;
-    for (name, tensor) in &sample.tensors {
-        let shape = tensor.size();
+    for (name, shape) in shapes {
         if name == "image" && shape.len() != rank + 1 {
             return Err(PluginError(format!(
                 "{who}: configured for {rank}D, so `image` must have {} dims ([C, {}]), got shape {shape:?}",
@@ -25,41 +55,6 @@ pub fn spatial_shape(sample: &Sample, rank: usize, who: &str) -> Result<Vec<i64>
             )));
         }
         let spatial = shape[shape.len() - rank..].to_vec();
-        match &reference {
-            None => reference = Some((name, spatial)),
-            Some((first, expected)) if *expected != spatial => {
-                return Err(PluginError(format!(
-                    "{who}: tensors disagree on the spatial shape: `{first}` has {expected:?}, `{name}` has {spatial:?}"
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    reference
-        .map(|(_, shape)| shape)
-        .ok_or_else(|| PluginError(format!("{who}: the sample has no tensors")))
-}
-
-/// [`spatial_shape`] of a batch (tensors `[B, ...]`): the spatial shape every sample shares. Messages show one
-/// sample's shapes, without the batch axis.
-pub fn batch_spatial_shape(batch: &Batch, rank: usize, who: &str) -> Result<Vec<i64>> {
-    let mut reference: Option<(&str, Vec<i64>)> = None;
-    for (name, tensor) in &batch.tensors {
-        let shape = tensor.size();
-        let one = shape.get(1..).unwrap_or_default();
-        if name == "image" && one.len() != rank + 1 {
-            return Err(PluginError(format!(
-                "{who}: configured for {rank}D, so `image` must have {} dims ([C, {}]), got shape {one:?}",
-                rank + 1,
-                if rank == 2 { "H, W" } else { "D, H, W" }
-            )));
-        }
-        if one.len() < rank {
-            return Err(PluginError(format!(
-                "{who}: configured for {rank}D, but tensor `{name}` has shape {one:?} with fewer than {rank} dims"
-            )));
-        }
-        let spatial = one[one.len() - rank..].to_vec();
         match &reference {
             None => reference = Some((name, spatial)),
             Some((first, expected)) if *expected != spatial => {
