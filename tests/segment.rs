@@ -531,6 +531,44 @@ fn mc_dropout_passes_differ_eval_passes_do_not_and_uncertainty_maps_are_written_
         removed > 0,
         "the uncertainty step removed nothing: the test proves nothing"
     );
+
+    // --no-uncertainty-maps: only the averaged mask, thresholded at 0.5 (no post-processing here).
+    let mask_only = SegmentOptions {
+        no_uncertainty_maps: true,
+        ..mc.clone()
+    };
+    let bare = dir.path().join("bare");
+    let written = infer::write_outputs(
+        &Pipeline::default(),
+        &volume.source,
+        &volume.input,
+        &result,
+        &OutputTarget::Folder(bare.clone()),
+        &mask_only,
+    )
+    .unwrap();
+    assert_eq!(written, vec![bare.join(format!("{stem}_pred.nii.gz"))]);
+    assert_eq!(std::fs::read_dir(&bare).unwrap().count(), 1);
+    let bare_mask = ivado_runtime::volume::read_volume(&written[0])
+        .unwrap()
+        .data;
+    let thresholded = mean.ge(0.5).to_kind(Kind::Float);
+    assert_eq!(max_abs_difference(&bare_mask, &thresholded), 0.0);
+    // A post-processing step that thresholds by an uncertainty map cannot run without the maps: the error
+    // says why.
+    let error = infer::write_outputs(
+        &loaded.postprocess,
+        &volume.source,
+        &volume.input,
+        &result,
+        &OutputTarget::Folder(dir.path().join("refused")),
+        &mask_only,
+    )
+    .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("--no-uncertainty-maps"),
+        "{error:#}"
+    );
 }
 
 #[test]

@@ -25,7 +25,16 @@ at::Tensor* ivado_to_channels_last(const at::Tensor* tensor) {
     try {
         const auto format =
             tensor->dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-        return new at::Tensor(tensor->contiguous(format));
+        auto converted = tensor->contiguous(format);
+        // With one channel the plain strides also count as channels-last, so `contiguous` keeps them, but
+        // oneDNN reads the layout from the strides and runs the convolution in the plain layout, then copies
+        // its output (single-threaded: a sixth of the 2D U-Net's forward). Same memory, explicit strides.
+        if (converted.size(1) == 1) {
+            const auto strides = tensor->dim() == 5 ? c10::get_channels_last_strides_3d(converted.sizes())
+                                                    : c10::get_channels_last_strides_2d(converted.sizes());
+            converted = converted.as_strided(converted.sizes(), strides);
+        }
+        return new at::Tensor(converted);
     } catch (...) {
         return nullptr;
     }

@@ -1,7 +1,8 @@
 //! `ivado bench segment`: seconds per volume of segmentation end to end (read the NIfTI file, tile,
 //! preprocess, forward, undo, stitch, write the mask) on a generated volume (256 x 256 x 64 by default), with
 //! ivadomed's default 2D U-Net on axial slices and a 3D U-Net on subvolumes, each without and with test-time
-//! augmentation (random flips, undone per tile), at the default precision (`auto`) and in fp32 for
+//! augmentation (random flips, undone per tile; the averaged mask written, as ivadomed's TTA rows), then
+//! with TTA and ivadomed's uncertainty maps written too, at the default precision (`auto`), and in fp32 for
 //! comparison. Each row breaks the time down by stage. The table has a column for ivadomed's figures,
 //! measured separately and passed in with `--ivadomed LABEL=SECONDS`, and their ratio to ours.
 use crate::infer::{
@@ -28,12 +29,16 @@ pub struct SegmentCase {
     pub config: Value,
     pub sampling: Sampling,
     pub tta: usize,
+    /// With TTA: compute and write the soft and uncertainty maps (`ivado segment --tta`'s default), else
+    /// only the averaged mask (`--no-uncertainty-maps`).
+    pub uncertainty_maps: bool,
     /// `None`: `auto`, what `ivado segment` runs by default.
     pub precision: Option<Precision>,
 }
 
 /// ivadomed's default 2D U-Net (depth 3, 64 filters) on axial slices, and a 3D U-Net (16 filters) on
-/// 128 x 128 x 32 subvolumes, each plain and with `tta` passes at the default precision, then plain in fp32.
+/// 128 x 128 x 32 subvolumes, each plain, with `tta` passes, and with `tta` passes and the uncertainty maps
+/// at the default precision, then plain in fp32.
 pub fn default_cases(tta: usize) -> Vec<SegmentCase> {
     let slices = Sampling::default();
     let cubes = Sampling::Subvolumes {
@@ -47,14 +52,21 @@ pub fn default_cases(tta: usize) -> Vec<SegmentCase> {
             config,
             sampling: sampling.clone(),
             tta,
+            uncertainty_maps: false,
             precision,
         };
+    let with_maps = |case: SegmentCase| SegmentCase {
+        uncertainty_maps: true,
+        ..case
+    };
     let unet3d = || json!({"n_filters": 16});
     vec![
         case("2d", "unet2d", json!({}), &slices, 0, None),
         case("2d_tta", "unet2d", json!({}), &slices, tta, None),
+        with_maps(case("2d_unc", "unet2d", json!({}), &slices, tta, None)),
         case("3d", "unet3d", unet3d(), &cubes, 0, None),
         case("3d_tta", "unet3d", unet3d(), &cubes, tta, None),
+        with_maps(case("3d_unc", "unet3d", unet3d(), &cubes, tta, None)),
         case(
             "2d_fp32",
             "unet2d",
@@ -267,6 +279,7 @@ fn run_cases(
         let options = SegmentOptions {
             device,
             tta: case.tta,
+            no_uncertainty_maps: !case.uncertainty_maps,
             precision: case.precision,
             batch_size: crate::infer::default_batch_size(device),
             ..SegmentOptions::default()

@@ -350,6 +350,9 @@ pub struct SegmentOptions {
     pub threshold: f64,
     /// Also write the soft prediction (`_soft`).
     pub soft: bool,
+    /// With TTA or MC dropout, write only the averaged mask: test-time augmentation for accuracy (as
+    /// nnU-Net's mirroring), without ivadomed's `_soft` and `_unc-*` maps.
+    pub no_uncertainty_maps: bool,
     /// FiLM metadata given on the command line, over the image's sidecar.
     pub metadata: BTreeMap<String, Value>,
     pub progress: bool,
@@ -369,6 +372,7 @@ impl Default for SegmentOptions {
             seed: 0,
             threshold: 0.5,
             soft: false,
+            no_uncertainty_maps: false,
             metadata: BTreeMap::new(),
             progress: false,
         }
@@ -388,8 +392,9 @@ impl SegmentOptions {
         Ok(self.tta.max(self.mc_dropout).max(1))
     }
 
+    /// Whether the uncertainty maps are computed and written.
     pub fn uncertainty(&self) -> bool {
-        self.tta > 0 || self.mc_dropout > 0
+        (self.tta > 0 || self.mc_dropout > 0) && !self.no_uncertainty_maps
     }
 }
 
@@ -397,10 +402,11 @@ impl SegmentOptions {
 /// command line's names in snake case; unknown keys are refused. Returns the options and the output target
 /// (`out`: a folder, or a mask file for one volume; default the current folder).
 pub fn options_from_json(value: &Value, device: Device) -> Result<(SegmentOptions, OutputTarget)> {
-    const KEYS: [&str; 16] = [
+    const KEYS: [&str; 17] = [
         "out",
         "threshold",
         "soft",
+        "no_uncertainty_maps",
         "slice_axis",
         "patch",
         "stride",
@@ -488,6 +494,7 @@ pub fn options_from_json(value: &Value, device: Device) -> Result<(SegmentOption
         seed: count("seed", 0)? as u64,
         threshold: map.get("threshold").and_then(Value::as_f64).unwrap_or(0.5),
         soft: flag("soft")?,
+        no_uncertainty_maps: flag("no_uncertainty_maps")?,
         metadata,
         progress: flag("progress")?,
     };
@@ -1297,27 +1304,28 @@ impl OutputTarget {
 
 /// Writes one map per class: `<prefix><suffix>.nii.gz` for one class, `<prefix>_class-<k><suffix>.nii.gz`
 /// for K (ivadomed's `segment` names: subject, `_class-<k>`, then the suffix).
-fn write_per_class(
-    source: &Volume,
+/// The files of `map` (`[X, Y, Z]`, or `[K, X, Y, Z]`: one file per class), named
+/// `<prefix><suffix>.nii.gz` or `<prefix>_class-<k><suffix>.nii.gz`.
+fn per_class_files(
     map: &Tensor,
     dir: &Path,
     prefix: &str,
     suffix: &str,
     kind: OutputType,
-) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+) -> Vec<(Tensor, PathBuf, OutputType)> {
     if map.dim() == 3 {
-        let path = dir.join(format!("{prefix}{suffix}.nii.gz"));
-        write_like(source, map, &path, kind)?;
-        return Ok(vec![path]);
+        return vec![(
+            map.shallow_clone(),
+            dir.join(format!("{prefix}{suffix}.nii.gz")),
+            kind,
+        )];
     }
-    let mut written = Vec::new();
-    for class in 0..map.size()[0] {
-        let path = dir.join(format!("{prefix}_class-{class}{suffix}.nii.gz"));
-        write_like(source, &map.get(class), &path, kind)?;
-        written.push(path);
-    }
-    Ok(written)
+    (0..map.size()[0])
+        .map(|class| {
+            let path = dir.join(format!("{prefix}_class-{class}{suffix}.nii.gz"));
+            (map.get(class), path, kind)
+        })
+        .collect()
 }
 
 /// Post-processes and writes one volume's outputs: the mask (`_pred`, or the exact file asked for), the soft
@@ -1362,8 +1370,17 @@ pub fn write_outputs(
             }
         }
     }
-    let processed = postprocess_with_maps(postprocess_steps, source, &segmentation.soft, &maps)?;
+    let processed = postprocess_with_maps(postprocess_steps, source, &segmentation.soft, &maps)
+        .with_context(|| {
+            if options.no_uncertainty_maps && options.tta.max(options.mc_dropout) > 0 {
+                "post-processing without uncertainty maps (--no-uncertainty-maps): a step that thresholds by \
+                 one needs them computed"
+            } else {
+                "post-processing"
+            }
+        })?;
     let binary = processed.ge(options.threshold).to_kind(Kind::Float);
+    let mut files = Vec::new();
     match target {
         OutputTarget::File(path) => written.extend(write_segmentation(
             source,
@@ -1371,34 +1388,36 @@ pub fn write_outputs(
             path,
             options.threshold,
         )?),
-        OutputTarget::Folder(_) => written.extend(write_per_class(
-            source,
+        OutputTarget::Folder(_) => files.extend(per_class_files(
             &binary,
             &dir,
             &prefix,
             uncertainty::HARD_SUFFIX,
             OutputType::U8,
-        )?),
+        )),
     }
     if options.soft || options.uncertainty() {
-        written.extend(write_per_class(
-            source,
+        files.extend(per_class_files(
             &segmentation.soft,
             &dir,
             &prefix,
             uncertainty::SOFT_SUFFIX,
             OutputType::F32,
-        )?);
+        ));
     }
     for (suffix, map) in uncertainty_files {
-        written.extend(write_per_class(
-            source,
+        files.extend(per_class_files(
             &map,
             &dir,
             &prefix,
             suffix,
             OutputType::F32,
-        )?);
+        ));
+    }
+    if !files.is_empty() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::volume::write_all_like(source, &files)?;
+        written.extend(files.into_iter().map(|(_, path, _)| path));
     }
     Ok(written)
 }

@@ -207,6 +207,10 @@ struct SegmentArgs {
     /// Monte-Carlo dropout passes (epistemic uncertainty).
     #[arg(long, default_value_t = 0)]
     mc_dropout: usize,
+    /// With --tta/--mc-dropout, write only the averaged mask (TTA for accuracy), not the soft and
+    /// uncertainty maps.
+    #[arg(long)]
+    no_uncertainty_maps: bool,
     /// Seed of the test-time augmentation draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -269,14 +273,15 @@ enum BenchCommand {
         /// Timed runs per case (the median is reported), after one warm-up.
         #[arg(long, default_value_t = 1)]
         repeats: usize,
-        /// ivadomed's seconds per volume for a case, printed beside ours: LABEL=SECONDS (2d, 2d_tta, 3d,
-        /// 3d_tta, 2d_fp32, 3d_fp32); repeatable.
+        /// ivadomed's seconds per volume for a case, printed beside ours: LABEL=SECONDS (2d, 2d_tta, 2d_unc,
+        /// 3d, 3d_tta, 3d_unc, 2d_fp32, 3d_fp32); repeatable.
         #[arg(long = "ivadomed", value_name = "LABEL=SECONDS")]
         ivadomed: Vec<String>,
         /// libtorch intra-op threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
-        /// Only this case (2d, 2d_tta, 3d, 3d_tta, 2d_fp32, 3d_fp32); repeatable. Default: all.
+        /// Only this case (2d, 2d_tta, 2d_unc, 3d, 3d_tta, 3d_unc, 2d_fp32, 3d_fp32); repeatable. Default:
+        /// all.
         #[arg(long = "case", value_name = "LABEL")]
         cases: Vec<String>,
     },
@@ -467,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: args.seed,
                 threshold: args.threshold,
                 soft: args.soft,
+                no_uncertainty_maps: args.no_uncertainty_maps,
                 metadata: infer::parse_metadata(&args.metadata)?,
                 progress: !cli.no_progress && std::io::stderr().is_terminal(),
             };

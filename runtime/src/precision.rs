@@ -269,6 +269,16 @@ mod tests {
         assert!(y.equal(&x));
         let volume = Tensor::rand([1, 2, 3, 4, 5], (Kind::Float, Device::Cpu));
         assert_eq!(channels_last(&volume).unwrap().stride()[1], 1);
+        // One channel: the plain strides are ambiguous, and oneDNN would run the plain layout; the strides
+        // become the channels-last ones ([N, 1, H, W] -> (H W, 1, W, 1)) over the same values.
+        let single = Tensor::rand([2, 1, 4, 5], (Kind::Float, Device::Cpu));
+        let converted = channels_last(&single).unwrap();
+        assert_eq!(converted.stride(), vec![20, 1, 5, 1]);
+        assert!(converted.equal(&single));
+        let single = Tensor::rand([2, 1, 3, 4, 5], (Kind::Float, Device::Cpu));
+        let converted = channels_last(&single).unwrap();
+        assert_eq!(converted.stride(), vec![60, 1, 20, 5, 1]);
+        assert!(converted.equal(&single));
         assert!(Precision::Fp16.check(Device::Cpu).is_err());
         assert_eq!(Precision::parse("bf16").unwrap(), Precision::Bf16);
     }

@@ -286,37 +286,40 @@ fn score_structures(
             *u |= v;
         }
     }
-    let hard = ivado_sdk::components::label(&union, dims, connectivity);
+    // Labelling dominates (three passes over a 256x256x64 volume for two samples): each sample's labelling
+    // runs on a second thread while the union's, or the previous sample's bookkeeping, runs on this one.
+    // At most two labellings are in memory at a time.
+    let label_sample = |sample: usize| {
+        masks
+            .get(sample)
+            .map(|mask: &Mask| mask.components(connectivity))
+    };
+    let (hard, mut next) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| label_sample(0));
+        let hard = ivado_sdk::components::label(&union, dims, connectivity);
+        (hard, joined(first))
+    });
     let structure_count = hard.count();
 
     // Per voxel, how many samples' instances of its structure contain it: N -> in the intersection,
-    // > 0 -> in the union. Samples are labelled one at a time to keep one labelling in memory.
+    // > 0 -> in the union.
     let mut instances_here = vec![0u32; entropy.len()];
     let mut sample_volumes = vec![vec![0usize; n]; structure_count];
-    for (sample, mask) in masks.iter().enumerate() {
-        let components = mask.components(connectivity);
-        // Each component lies inside one structure (the sample is inside the union): find it from the
-        // component's first voxel, and keep the largest component per structure (first on ties).
-        let mut host = vec![0u32; components.count()];
-        for (index, &label) in components.labels.iter().enumerate() {
-            if label != 0 && host[label as usize - 1] == 0 {
-                host[label as usize - 1] = hard.labels[index];
-            }
-        }
-        let mut best = vec![0u32; structure_count];
-        for (component, &structure) in host.iter().enumerate() {
-            let size = components.sizes[component];
-            let slot = &mut sample_volumes[structure as usize - 1][sample];
-            if size > *slot {
-                *slot = size;
-                best[structure as usize - 1] = component as u32 + 1;
-            }
-        }
-        for (index, &label) in components.labels.iter().enumerate() {
-            if label != 0 && best[hard.labels[index] as usize - 1] == label {
-                instances_here[index] += 1;
-            }
-        }
+    for sample in 0..n {
+        let components = next
+            .take()
+            .expect("each sample is labelled before its turn");
+        next = std::thread::scope(|scope| {
+            let following = scope.spawn(|| label_sample(sample + 1));
+            count_instances(
+                &components,
+                &hard,
+                sample,
+                &mut sample_volumes,
+                &mut instances_here,
+            );
+            joined(following)
+        });
     }
 
     let mut intersection = vec![0usize; structure_count];
@@ -365,6 +368,46 @@ fn score_structures(
         scores,
         structures,
     }
+}
+
+/// Adds one sample's components to the structure bookkeeping: each component lies inside one structure of
+/// `hard` (the sample is inside the union), found from the component's first voxel; the largest component
+/// per structure (first on ties) is the sample's instance of it.
+fn count_instances(
+    components: &Components,
+    hard: &Components,
+    sample: usize,
+    sample_volumes: &mut [Vec<usize>],
+    instances_here: &mut [u32],
+) {
+    let structure_count = hard.count();
+    let mut host = vec![0u32; components.count()];
+    for (index, &label) in components.labels.iter().enumerate() {
+        if label != 0 && host[label as usize - 1] == 0 {
+            host[label as usize - 1] = hard.labels[index];
+        }
+    }
+    let mut best = vec![0u32; structure_count];
+    for (component, &structure) in host.iter().enumerate() {
+        let size = components.sizes[component];
+        let slot = &mut sample_volumes[structure as usize - 1][sample];
+        if size > *slot {
+            *slot = size;
+            best[structure as usize - 1] = component as u32 + 1;
+        }
+    }
+    for (index, &label) in components.labels.iter().enumerate() {
+        if label != 0 && best[hard.labels[index] as usize - 1] == label {
+            instances_here[index] += 1;
+        }
+    }
+}
+
+/// The result of a scoped thread; a panic there carries on here.
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 #[cfg(test)]

@@ -845,6 +845,100 @@ fn write_like_inner(
     path: &Path,
     datatype: OutputType,
 ) -> Result<()> {
+    match prepare_write(reference, canonical, path, datatype)? {
+        PreparedWrite::Png { file_order, tmp } => {
+            // [H, W, 1] in file order is [rows, columns]: the PNG's own layout
+            let written = crate::microscopy::write_png(&file_order, &tmp);
+            finish_write(written, &tmp, path)
+        }
+        PreparedWrite::Nifti(nifti) => nifti.write(),
+    }
+}
+
+/// Writes several maps in the geometry of one reference, as [`write_like`] each: the tensor work runs on
+/// this thread, the NIfTI encoding and compression (most of a `.nii.gz` write) on up to as many threads as
+/// there are cores. Every file is still written atomically; the first error is returned once all are done.
+pub fn write_all_like(reference: &Volume, maps: &[(Tensor, PathBuf, OutputType)]) -> Result<()> {
+    let reference_path = &reference.path;
+    let context = |path: &Path| {
+        format!(
+            "failed to write NIfTI file {} (geometry of {})",
+            path.display(),
+            reference_path.display()
+        )
+    };
+    let mut encodes = Vec::new();
+    for (canonical, path, datatype) in maps {
+        match prepare_write(reference, canonical, path, *datatype).with_context(|| context(path))? {
+            PreparedWrite::Nifti(nifti) => encodes.push(nifti),
+            PreparedWrite::Png { .. } => write_like(reference, canonical, path, *datatype)?,
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(encodes.len());
+    let next = AtomicU64::new(0);
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut results = Vec::new();
+                    while let Some(nifti) =
+                        encodes.get(next.fetch_add(1, Ordering::Relaxed) as usize)
+                    {
+                        let written = catch_unwind(AssertUnwindSafe(|| nifti.write()))
+                            .unwrap_or_else(|panic| {
+                                Err(anyhow!("internal panic: {}", panic_message(&panic)))
+                            });
+                        results.push(written.with_context(|| context(&nifti.path)));
+                    }
+                    results
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().unwrap_or_default())
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// A map ready to be written: file order, header and temporary name settled.
+enum PreparedWrite {
+    Png { file_order: Tensor, tmp: PathBuf },
+    Nifti(Box<PreparedNifti>),
+}
+
+/// A NIfTI write without tensors, so it can run on any thread.
+struct PreparedNifti {
+    path: PathBuf,
+    tmp: PathBuf,
+    header: NiftiHeader,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    datatype: OutputType,
+}
+
+impl PreparedNifti {
+    fn write(&self) -> Result<()> {
+        let written = write_nifti_file(
+            &self.tmp,
+            &self.header,
+            self.shape.clone(),
+            &self.values,
+            self.datatype,
+        );
+        finish_write(written, &self.tmp, &self.path)
+    }
+}
+
+fn prepare_write(
+    reference: &Volume,
+    canonical: &Tensor,
+    path: &Path,
+    datatype: OutputType,
+) -> Result<PreparedWrite> {
     let expected: Vec<i64> = reference.shape().iter().map(|&d| d as i64).collect();
     if canonical.size() != expected {
         bail!(
@@ -913,21 +1007,30 @@ fn write_like_inner(
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
         ext
     ));
-    let written = if ext == ".png" {
-        // [H, W, 1] in file order is [rows, columns]: the PNG's own layout
-        crate::microscopy::write_png(&file_order, &tmp)
-    } else {
-        write_nifti_file(&tmp, &header, shape, values, datatype)
-    };
+    if ext == ".png" {
+        return Ok(PreparedWrite::Png { file_order, tmp });
+    }
+    Ok(PreparedWrite::Nifti(Box::new(PreparedNifti {
+        path: path.to_owned(),
+        tmp,
+        header,
+        shape,
+        values,
+        datatype,
+    })))
+}
+
+/// Moves a written temporary file to `path`, or removes it when the write failed.
+fn finish_write(written: Result<()>, tmp: &Path, path: &Path) -> Result<()> {
     let result = written.and_then(|()| {
         if !tmp.is_file() {
             bail!("the NIfTI writer did not create {}", tmp.display());
         }
-        std::fs::rename(&tmp, path)
+        std::fs::rename(tmp, path)
             .map_err(|e| anyhow!("cannot rename {} to the output: {e}", tmp.display()))
     });
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }
@@ -936,14 +1039,14 @@ fn write_nifti_file(
     tmp: &Path,
     header: &NiftiHeader,
     shape: Vec<usize>,
-    values: Vec<f32>,
+    values: &[f32],
     datatype: OutputType,
 ) -> Result<()> {
     use ndarray::ShapeBuilder;
     let writer = nifti::writer::WriterOptions::new(tmp).reference_header(header);
     let shape = ndarray::IxDyn(&shape).f();
     let written = match datatype {
-        OutputType::F32 => writer.write_nifti(&ndarray::Array::from_shape_vec(shape, values)?),
+        OutputType::F32 => writer.write_nifti(&ndarray::ArrayView::from_shape(shape, values)?),
         OutputType::U8 => {
             let bytes: Vec<u8> = values
                 .iter()

@@ -6,6 +6,9 @@ The cases mirror runtime/src/bench_segment.rs:
   3d      ivadomed's 3D U-Net (`models.Unet(is_2d=False)`, depth 3, 16 filters) on 128x128x32 subvolumes
           (stride 128x128x32), batch 16
   3d_tta  the same with `--tta` flipped passes
+  2d_unc, 3d_unc  the TTA rows plus ivadomed's uncertainty maps, as `ivadomed --test` makes them: each pass
+          saved as `<stem>_pred_<i>.nii.gz`, then `uncertainty.run_uncertainty` on the folder (the `_pred` and
+          `_soft` combination, `_unc-vox`, and the structure-wise `_unc-iou`, `_unc-cv`, `_unc-avgUnc`)
 on a random float32 volume of 256x256x64 (1 mm isotropic, identity affine), no other preprocessing and no
 postprocessing, like ivado's bench.
 
@@ -22,6 +25,7 @@ The last line is the `ivado bench segment --ivadomed ...` arguments to paste.
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,13 +43,16 @@ from loguru import logger  # noqa: E402
 
 import ivadomed.inference as imed_inference  # noqa: E402
 import ivadomed.models as imed_models  # noqa: E402
+import ivadomed.uncertainty as imed_uncertainty  # noqa: E402
 
 CASES = {
-    # label: (is_2d, n_filters, subvolume length or None, uses TTA)
-    "2d": (True, 64, None, False),
-    "2d_tta": (True, 64, None, True),
-    "3d": (False, 16, [128, 128, 32], False),
-    "3d_tta": (False, 16, [128, 128, 32], True),
+    # label: (is_2d, n_filters, subvolume length or None, uses TTA, writes the uncertainty maps)
+    "2d": (True, 64, None, False, False),
+    "2d_tta": (True, 64, None, True, False),
+    "2d_unc": (True, 64, None, True, True),
+    "3d": (False, 16, [128, 128, 32], False, False),
+    "3d_tta": (False, 16, [128, 128, 32], True, False),
+    "3d_unc": (False, 16, [128, 128, 32], True, True),
 }
 BATCH_SIZE = 16  # ivado's bench segments with batch_size 16
 
@@ -111,12 +118,24 @@ def write_model_folder(root, label, is_2d, n_filters, length_3d, tta):
     return folder
 
 
-def segment_once(folder, volume, passes):
-    """One end-to-end segmentation: `passes` calls of segment_volume, averaged when more than one."""
+def segment_once(folder, volume, passes, uncertainty_dir=None):
+    """One end-to-end segmentation: `passes` calls of segment_volume, averaged when more than one. With
+    `uncertainty_dir`, each pass is saved there and ivadomed's run_uncertainty computes and writes its maps."""
     predictions = []
-    for _ in range(passes):
+    if uncertainty_dir is not None:
+        # run_uncertainty skips a subject whose maps exist: start from an empty folder.
+        shutil.rmtree(uncertainty_dir, ignore_errors=True)
+        uncertainty_dir.mkdir(parents=True)
+    for index in range(passes):
         nib_predictions, _ = imed_inference.segment_volume(str(folder), [str(volume)], gpu_id=-1)
         predictions.append(np.asarray(nib_predictions[0].dataobj, dtype=np.float32))
+        if uncertainty_dir is not None:
+            # run_uncertainty reads [X, Y, Z, class] predictions, as `ivadomed --test` writes them.
+            image = nib_predictions[0]
+            with_class = nib.Nifti1Image(predictions[-1][..., None], image.affine, image.header)
+            nib.save(with_class, str(uncertainty_dir / f"bench_pred_{index}.nii.gz"))
+    if uncertainty_dir is not None:
+        imed_uncertainty.run_uncertainty(str(uncertainty_dir))
     return np.mean(predictions, axis=0) if len(predictions) > 1 else predictions[0]
 
 
@@ -161,20 +180,21 @@ def main():
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"median of {args.repeats} after {args.warmup} warm-up"
     )
-    print(f"(reading the uncompressed NIfTI once: {read_seconds:.2f} s, included below; ivado's bench excludes it)")
+    print(f"(reading the uncompressed NIfTI once: {read_seconds:.2f} s, included below, as ivado's bench includes reading its .nii.gz)")
     print("forward: Unet.forward; load+fwd: inference.get_preds (torch.load of the model per batch + forward);")
     print("rest: s/volume - load+fwd (reading, slicing, transforms, undo, reassembly); CPU s: this process, user+sys")
     print(f"{'case':<8} {'passes':>6} {'s/volume':>10} {'CPU s':>8} {'forward s':>10} {'load+fwd s':>11} {'rest s':>8}")
     medians = {}
     for label in labels:
-        is_2d, n_filters, length_3d, tta = CASES[label]
+        is_2d, n_filters, length_3d, tta, uncertainty = CASES[label]
         passes = args.tta if tta else 1
+        uncertainty_dir = workdir / f"uncertainty_{label}" if uncertainty else None
         folder = write_model_folder(workdir, label, is_2d, n_filters, length_3d, tta)
         runs = []
         for run in range(args.warmup + args.repeats):
             forward_timer.seconds = get_preds_timer.seconds = 0.0
             start, cpu_start = time.perf_counter(), cpu_seconds()
-            prediction = segment_once(folder, volume, passes)
+            prediction = segment_once(folder, volume, passes, uncertainty_dir)
             elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
             if prediction.shape != shape:
                 sys.exit(f"{label}: prediction shape {prediction.shape} != volume shape {shape}")

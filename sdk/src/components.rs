@@ -154,6 +154,19 @@ fn label_with_offsets(mask: &[bool], dims: [usize; 3], offsets: &[[isize; 3]]) -
         .map(|o| o[0] * strides[0] + o[1] * strides[1] + o[2] * strides[2])
         .collect();
 
+    // When the previous voxel of the row is foreground it has already been joined to its own backward
+    // neighbours, and they are this voxel's too except the few `fresh` ones: joining to the previous voxel
+    // and those covers them all. Dense masks (an untrained model's output) label about twice as fast.
+    const PREVIOUS: [isize; 3] = [0, 0, -1];
+    let row_continues = offsets.contains(&PREVIOUS);
+    let fresh: Vec<usize> = (0..offsets.len())
+        .filter(|&i| {
+            let o = offsets[i];
+            let from_previous = [o[0], o[1], o[2] + 1];
+            o == PREVIOUS || !offsets.contains(&from_previous)
+        })
+        .collect();
+
     // Union-find over voxel indices; a root is always the smallest (first scanned) index of its set.
     let mut parent: Vec<u32> = (0..total as u32).collect();
     for x in 0..nx {
@@ -166,20 +179,22 @@ fn label_with_offsets(mask: &[bool], dims: [usize; 3], offsets: &[[isize; 3]]) -
                     continue;
                 }
                 let interior = inner_row && z > 0 && z + 1 < nz;
+                let after_foreground = row_continues && z > 0 && mask[index - 1];
                 // `index` is still its own root (only later voxels link to it), and every neighbour is
                 // earlier, so `root` stays the smallest index of the merged set.
                 let mut root = index as u32;
-                for (offset, &step) in offsets.iter().zip(&steps) {
+                let mut join = |i: usize| {
+                    let offset = offsets[i];
                     if !interior
                         && (shifted(x, offset[0], nx).is_none()
                             || shifted(y, offset[1], ny).is_none()
                             || shifted(z, offset[2], nz).is_none())
                     {
-                        continue;
+                        return;
                     }
-                    let neighbour = (index as isize + step) as usize;
+                    let neighbour = (index as isize + steps[i]) as usize;
                     if !mask[neighbour] {
-                        continue;
+                        return;
                     }
                     let other = find(&mut parent, neighbour as u32);
                     if other < root {
@@ -188,6 +203,11 @@ fn label_with_offsets(mask: &[bool], dims: [usize; 3], offsets: &[[isize; 3]]) -
                     } else if other > root {
                         parent[other as usize] = root;
                     }
+                };
+                if after_foreground {
+                    fresh.iter().for_each(|&i| join(i));
+                } else {
+                    (0..offsets.len()).for_each(join);
                 }
             }
         }
@@ -259,6 +279,102 @@ mod tests {
             [10, 4, 4],
         ];
         (dims, volume(dims, &voxels))
+    }
+
+    /// Labels by breadth-first flood fill from each unlabelled voxel in scan order, testing every neighbour
+    /// offset directly: an independent reference for the union-find scan.
+    fn flood_fill(
+        mask: &[bool],
+        dims: [usize; 3],
+        touches: impl Fn([isize; 3]) -> bool,
+    ) -> Components {
+        let [nx, ny, nz] = dims;
+        let mut labels = vec![0u32; mask.len()];
+        let mut sizes = Vec::new();
+        for start in 0..mask.len() {
+            if !mask[start] || labels[start] != 0 {
+                continue;
+            }
+            sizes.push(0);
+            let label = sizes.len() as u32;
+            labels[start] = label;
+            let mut queue = std::collections::VecDeque::from([start]);
+            while let Some(index) = queue.pop_front() {
+                sizes[label as usize - 1] += 1;
+                let (x, y, z) = (index / (ny * nz), index / nz % ny, index % nz);
+                for dx in -1isize..=1 {
+                    for dy in -1isize..=1 {
+                        for dz in -1isize..=1 {
+                            if [dx, dy, dz] == [0, 0, 0] || !touches([dx, dy, dz]) {
+                                continue;
+                            }
+                            let (Some(a), Some(b), Some(c)) =
+                                (shifted(x, dx, nx), shifted(y, dy, ny), shifted(z, dz, nz))
+                            else {
+                                continue;
+                            };
+                            let neighbour = (a * ny + b) * nz + c;
+                            if mask[neighbour] && labels[neighbour] == 0 {
+                                labels[neighbour] = label;
+                                queue.push_back(neighbour);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Components {
+            dims,
+            labels,
+            sizes,
+        }
+    }
+
+    #[test]
+    fn labelling_matches_a_flood_fill_on_random_masks_of_every_density() {
+        // A xorshift generator: fixed masks without a dependency. Densities from sparse specks to the
+        // near-full masks where the scan takes its shortcut along rows.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let dims = [7, 9, 11];
+        for density in [0.1, 0.3, 0.5, 0.7, 0.9] {
+            let mask: Vec<bool> = (0..dims.iter().product::<usize>())
+                .map(|_| (next() % 1000) as f64 / 1000.0 < density)
+                .collect();
+            for (connectivity, axes) in [
+                (Connectivity::Six, 1),
+                (Connectivity::Eighteen, 2),
+                (Connectivity::TwentySix, 3),
+            ] {
+                let expected = flood_fill(&mask, dims, |o| {
+                    o.iter().filter(|&&d| d != 0).count() <= axes
+                });
+                assert_eq!(
+                    label(&mask, dims, connectivity),
+                    expected,
+                    "{connectivity:?} at {density}"
+                );
+            }
+            for axis in 0..3 {
+                for (connectivity, axes) in
+                    [(SliceConnectivity::Four, 1), (SliceConnectivity::Eight, 2)]
+                {
+                    let expected = flood_fill(&mask, dims, |o| {
+                        o[axis] == 0 && o.iter().filter(|&&d| d != 0).count() <= axes
+                    });
+                    assert_eq!(
+                        label_slices(&mask, dims, axis, connectivity),
+                        expected,
+                        "{connectivity:?} slices across axis {axis} at {density}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod error;
 #[doc(hidden)]
 pub mod export;
 pub mod log;
+pub mod ops;
 mod sample;
 pub mod testing;
 

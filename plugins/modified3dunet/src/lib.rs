@@ -130,7 +130,7 @@ impl Conv3d {
 
 /// `InstanceNorm3d(affine=False, track_running_stats=False)`: per-sample, per-channel statistics in every mode.
 fn instance_norm(x: &Tensor) -> Result<Tensor> {
-    Ok(x.f_instance_norm(None::<&Tensor>, None, None, None, true, 0.0, NORM_EPS, true)?)
+    ivado_sdk::ops::instance_norm(x, NORM_EPS)
 }
 
 /// Instance norm then `LeakyReLU` (slope 0.01): ivadomed's `inorm3d_*` + `lrelu` pair.

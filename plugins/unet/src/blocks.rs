@@ -42,7 +42,13 @@ impl Dims {
     pub(crate) fn max_pool(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Dims::Two => x.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?,
-            Dims::Three => x.f_max_pool3d([2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], false)?,
+            // `max_pool3d` is on autocast's fp32 list, so under bf16 autocast it would cast the skip to
+            // fp32 and back; a maximum is exact in any precision. ATen's `max_pool3d` computes the indices
+            // on a CPU anyway.
+            Dims::Three => {
+                x.f_max_pool3d_with_indices([2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], false)?
+                    .0
+            }
         })
     }
 
@@ -137,9 +143,7 @@ impl Norm {
         use nn::ModuleT;
         Ok(match self {
             Norm::Batch(bn) => bn.forward_t(x, mode.batch_statistics()),
-            Norm::Instance => {
-                x.f_instance_norm(None::<Tensor>, None, None, None, true, 0.1, 1e-5, false)?
-            }
+            Norm::Instance => ivado_sdk::ops::instance_norm(x, 1e-5)?,
         })
     }
 }
