@@ -99,6 +99,7 @@ pub fn time_case(
     warmup: usize,
     steps: usize,
 ) -> Result<StepTiming> {
+    crate::allocator::for_networks();
     let model = registry
         .model(&case.architecture, &case.config, device)
         .with_context(|| format!("bench: creating `{}`", case.architecture))?;
@@ -154,6 +155,8 @@ pub fn time_training_step(
     steps: usize,
 ) -> Result<f64> {
     use crate::precision::{autocast, channels_last, to_channels_last, Precision};
+    // As the training loop sets up its process.
+    crate::allocator::for_networks();
     let model = registry.model(&case.architecture, &case.config, device)?;
     if mode == StepMode::ChannelsLast {
         to_channels_last(&model.parameters)?;

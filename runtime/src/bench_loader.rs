@@ -176,7 +176,7 @@ fn first_subjects(root: &Path, subjects: usize) -> Result<Vec<BidsEntry>> {
 pub fn run_case(registry: &PluginRegistry, data: &Path, case: &LoaderCase) -> Result<LoaderResult> {
     if case.subjects == 0 {
         // The baseline: libtorch and the plugins started (one small op), nothing loaded.
-        crate::loader::tune_allocator();
+        crate::allocator::for_loading();
         let _ = tch::Tensor::ones([16], (tch::Kind::Float, Device::Cpu)).sum(tch::Kind::Float);
         return Ok(LoaderResult {
             case: case.clone(),

@@ -290,32 +290,6 @@ pub fn parse_size_list(text: &str) -> Result<Vec<i64>> {
         .collect()
 }
 
-/// Lets glibc keep freed network activations for the next batch (once per process). By default a block of
-/// more than 32 MiB (a layer's output: 64 x 256 x 256 floats at batch 2) is mapped fresh on every allocation
-/// and unmapped when freed, so every layer of every batch page-faults its output in again: on this 2-core CPU
-/// that cost 5.3 s against 4.2 s per 256x256x64 volume for the 2D U-Net and 2.8 s against 1.9 s for the 3D
-/// one. A high mmap threshold serves those blocks from the heap, and a high trim threshold keeps the freed heap
-/// top mapped. Inference only: the loader bounds its memory instead (`loader::tune_allocator`).
-/// `IVADO_MALLOC_DEFAULTS=1` keeps glibc's defaults.
-pub fn keep_freed_activations() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("IVADO_MALLOC_DEFAULTS").is_some_and(|v| v == "1") {
-            return;
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes allocator parameters; a value it refuses returns 0.
-        unsafe {
-            const LARGE: i32 = 1 << 30;
-            // glibc caps the threshold at half its heap size (32 MiB) on some builds.
-            if libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE) == 0 {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            }
-            libc::mallopt(libc::M_TRIM_THRESHOLD, LARGE);
-        }
-    });
-}
-
 /// Tiles per forward pass when none is asked for. On a CPU, small batches keep a layer's activations in
 /// cache: `ivado bench segment`'s 2D U-Net on 64 slices of 256x256 took 5.3 s at batch 2 against 11.2 s at
 /// 16 in bf16, and 19.5 s against 46 s in fp32 (2 threads; batch 1 was no faster than 2). A GPU wants larger
@@ -1053,7 +1027,7 @@ pub fn segment_loaded(
     volume: &LoadedVolume,
     options: &SegmentOptions,
 ) -> Result<Segmentation> {
-    keep_freed_activations();
+    crate::allocator::for_networks();
     // A HeMIS model's channels follow its contrasts, and its mask takes the metadata's place.
     let hemis = hemis_channels(loaded, volume)?;
     let input = hemis.as_ref().map_or(&volume.image, |(image, _)| image);

@@ -1,5 +1,6 @@
 //! The ivado host runtime: plugin loading, data, training, inference, and the Rhai scripting surface.
 //! `docs/architecture.md` is the code map.
+pub mod allocator;
 pub mod bench;
 pub mod bench_augment;
 pub mod bench_loader;

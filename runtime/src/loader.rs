@@ -108,7 +108,7 @@ impl<'a, T: Send + 'static> Loader<'a, T> {
         options: LoaderOptions,
         mut make_worker: impl FnMut(usize) -> BuildBatch<T> + 'a,
     ) -> Self {
-        tune_allocator();
+        crate::allocator::for_loading();
         let prefetch = options.prefetch.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -205,45 +205,8 @@ impl<'a, T: Send + 'static> Loader<'a, T> {
             let _ = handle.join();
         }
         if joined {
-            release_free_memory();
+            crate::allocator::release_free_memory();
         }
-    }
-}
-
-/// Allocations at least this large get their own mapping, returned to the system when freed: volumes do,
-/// batches and their intermediates (a few MiB) stay in the heap, where reusing them costs no page faults.
-const MMAP_THRESHOLD: i32 = 8 << 20;
-/// Threads that get a malloc arena of their own; more share them.
-const ARENA_MAX: i32 = 4;
-
-/// Keeps glibc's heap from holding freed loader memory (once per process; `IVADO_MALLOC_DEFAULTS=1` keeps
-/// glibc's defaults, to measure the difference).
-///
-/// A freed mapping raises glibc's dynamic mmap threshold to its size, after which volume- and batch-sized
-/// buffers come from the heap arenas, where fragmentation keeps them resident: a fixed threshold keeps them
-/// mapped, so freeing one returns it. Each thread that allocates concurrently gets an arena of up to 64 MiB
-/// reserved (8 per core by default); a few shared arenas hold the small allocations just as well.
-pub fn tune_allocator() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("IVADO_MALLOC_DEFAULTS").is_some_and(|v| v == "1") {
-            return;
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused (returns 0).
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
-        }
-    });
-}
-
-/// Returns the free memory at the top of glibc's heaps to the system (after an epoch's workers exit).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases memory that is free.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

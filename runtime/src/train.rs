@@ -533,6 +533,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         let (model, pipeline) = (model.into(), pipeline.into());
         let (train_set, valid_set) = (train_set.into(), valid_set.into());
+        crate::allocator::for_networks();
         if train_set.is_empty() || valid_set.is_empty() {
             bail!(
                 "training needs slices in both sets (train {}, valid {})",
