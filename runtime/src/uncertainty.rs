@@ -288,7 +288,7 @@ fn score_structures(
     }
     // Labelling dominates (three passes over a 256x256x64 volume for two samples): each sample's labelling
     // runs on a second thread while the union's, or the previous sample's bookkeeping, runs on this one.
-    // At most two labellings are in memory at a time.
+    // At most three labellings are in memory: the union's, this sample's and the next one's.
     let label_sample = |sample: usize| {
         masks
             .get(sample)
