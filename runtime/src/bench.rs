@@ -265,8 +265,8 @@ pub fn time_epoch(
     let depth = 64usize;
     let slices = batches.max(1) * batch_size;
     let train_subjects = slices.div_ceil(depth);
-    let scratch = tempfile_dir("ivado-bench-epoch")?;
-    let data = scratch.join("data");
+    let scratch = crate::scratch::ScratchDir::new("bench-epoch")?;
+    let data = scratch.path().join("data");
     crate::phantom::generate(
         &data,
         &crate::phantom::PhantomSpec {
@@ -312,7 +312,7 @@ pub fn time_epoch(
         seed: BENCH_SEED,
         num_workers: workers,
         prefetch: 2 * workers.max(1),
-        ..TrainConfig::new(scratch.join("run"), device)
+        ..TrainConfig::new(scratch.path().join("run"), device)
     };
     let mut trainer = Trainer::new(
         &model,
@@ -327,7 +327,6 @@ pub fn time_epoch(
     let record = trainer.run_epoch()?;
     drop(trainer);
     let step_seconds = time_training_step(registry, case, StepMode::Fp32, device, 1, 3)?;
-    std::fs::remove_dir_all(&scratch).ok();
     Ok(EpochTiming {
         batches: batches.max(1),
         batch_size,
@@ -336,17 +335,4 @@ pub fn time_epoch(
         train_seconds: record.train_seconds,
         wait_seconds: record.wait_seconds,
     })
-}
-
-/// A fresh folder under the system temporary directory.
-fn tempfile_dir(prefix: &str) -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

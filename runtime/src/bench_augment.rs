@@ -127,27 +127,11 @@ fn shallow_copy(sample: &Sample) -> Sample {
     }
 }
 
-/// A scratch folder removed on drop.
-struct ScratchDir(std::path::PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The two cases, from one phantom subject (T2w, 128x128x16 voxels at 1x1x2 mm, with its cord label)
 /// written to a scratch folder and read back as training reads images: the 16 axial slices, and the
 /// centred 48x48x16 subvolume, on `device`.
 pub fn phantom_cases(device: Device) -> Result<Vec<AugmentCase>> {
-    let scratch = ScratchDir(std::env::temp_dir().join(format!(
-        "ivado-bench-augment-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    )));
+    let scratch = crate::scratch::ScratchDir::new("bench-augment")?;
     let spec = PhantomSpec {
         subjects: 1,
         shape: [
@@ -160,19 +144,19 @@ pub fn phantom_cases(device: Device) -> Result<Vec<AugmentCase>> {
         noise: 0.05,
         seed: BENCH_SEED,
     };
-    phantom::generate(&scratch.0, &spec).context("bench: generating the phantom")?;
+    phantom::generate(scratch.path(), &spec).context("bench: generating the phantom")?;
     // The phantom's name for its only subject (numbered from 1, two digits at least).
     let id = "sub-ph01";
     let image = read_volume(
         &scratch
-            .0
+            .path()
             .join(id)
             .join("anat")
             .join(format!("{id}_T2w.nii.gz")),
     )?;
     let label = read_volume(
         &scratch
-            .0
+            .path()
             .join("derivatives/labels")
             .join(id)
             .join("anat")

@@ -198,29 +198,8 @@ pub fn run(
     ivadomed: &BTreeMap<String, f64>,
     only: &[String],
 ) -> Result<()> {
-    let scratch = std::env::temp_dir().join(format!("ivado-bench-segment-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
-    let result = run_cases(
-        table, registry, device, shape, tta, repeats, ivadomed, only, &scratch,
-    );
-    // Best effort: a leftover scratch folder in the temp dir is harmless.
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_cases(
-    table: &mut dyn Write,
-    registry: &PluginRegistry,
-    device: Device,
-    shape: [i64; 3],
-    tta: usize,
-    repeats: usize,
-    ivadomed: &BTreeMap<String, f64>,
-    only: &[String],
-    scratch: &Path,
-) -> Result<()> {
+    let scratch_dir = crate::scratch::ScratchDir::new("bench-segment")?;
+    let scratch = scratch_dir.path();
     let input = generated_volume(scratch, shape)?;
     let out = scratch.join("predictions");
     let flips = Pipeline::from_specs(

@@ -615,28 +615,6 @@ pub fn image_stem(path: &Path) -> String {
         .to_string()
 }
 
-/// A scratch folder removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Self> {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ivado-cascade-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
 /// Segments `image` with a loaded model folder: through its detection stage when it records one
 /// ([`segment_with`]), else directly (segmentation, then post-processing). `model_dir` locates the copy of
 /// the detection model; without it the path recorded at training time is used.
@@ -662,7 +640,7 @@ pub fn segment(
             bbox: None,
         });
     };
-    let scratch = Scratch::new()?;
+    let scratch = crate::scratch::ScratchDir::new("cascade")?;
     // As ivadomed: a box recorded for the image (the boxes file covers the whole dataset) wins; other
     // images go through the detection model.
     let recorded = match &stage.bounding_boxes {
@@ -675,7 +653,7 @@ pub fn segment(
             &second,
             image,
             stage.safety_factor,
-            &scratch.0,
+            scratch.path(),
         );
     }
     let Some(dir) = &stage.model else {
@@ -696,7 +674,7 @@ pub fn segment(
         &second,
         image,
         stage.safety_factor,
-        &scratch.0,
+        scratch.path(),
     )
 }
 

@@ -601,17 +601,19 @@ pub fn hemis_contrasts(architecture: &str, config: &serde_json::Value) -> Option
     if name != "hemis_unet" {
         return None;
     }
-    Some(
-        config["contrasts"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|c| c.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
+    Some(strings(&config["contrasts"]))
+}
+
+/// The strings of a JSON list (a list of contrast names); nothing for anything else.
+pub fn strings(list: &serde_json::Value) -> Vec<String> {
+    list.as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// ivadomed's HeMIS curriculum (`missing_probability`, `missing_probability_growth`): during training each

@@ -520,15 +520,8 @@ pub fn hemis_contrasts(loaded: &LoadedModel) -> Option<Vec<String>> {
 
 /// An image's contrast: the BIDS suffix of its file name (`sub-01_T2w.nii.gz` is T2w).
 fn contrast_of(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name
-        .strip_suffix(".nii.gz")
-        .or_else(|| name.strip_suffix(".nii"))
-        .unwrap_or(&name);
-    stem.rsplit('_').next().unwrap_or(stem).to_owned()
+    let stem = crate::cascade::image_stem(path);
+    stem.rsplit('_').next().unwrap_or(&stem).to_owned()
 }
 
 /// A HeMIS model takes any subset of its contrasts: each image goes to the channel of its contrast (its
@@ -608,14 +601,7 @@ pub struct VolumeInput {
 impl VolumeInput {
     /// The output name stem: the first channel's file name without `.nii[.gz]`.
     pub fn stem(&self) -> String {
-        let name = self.channels[0]
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.strip_suffix(".nii.gz")
-            .or_else(|| name.strip_suffix(".nii"))
-            .unwrap_or(&name)
-            .to_owned()
+        crate::cascade::image_stem(&self.channels[0])
     }
 }
 
@@ -1256,15 +1242,8 @@ impl OutputTarget {
         match self {
             OutputTarget::Folder(dir) => (dir.clone(), input.stem()),
             OutputTarget::File(path) => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let stem = name
-                    .strip_suffix(".nii.gz")
-                    .or_else(|| name.strip_suffix(".nii"))
-                    .unwrap_or(&name);
-                let stem = stem.strip_suffix("_pred").unwrap_or(stem).to_owned();
+                let stem = crate::cascade::image_stem(path);
+                let stem = stem.strip_suffix("_pred").unwrap_or(&stem).to_owned();
                 let dir = path
                     .parent()
                     .map(Path::to_path_buf)
@@ -1471,17 +1450,9 @@ fn expand_one(
 fn bids_inputs(root: &Path, loaded: &LoadedModel) -> Result<Vec<VolumeInput>> {
     let channels = input_channels(loaded);
     let hemis = hemis_contrasts(loaded);
-    let contrasts: Vec<String> = hemis.clone().unwrap_or_else(|| {
-        loaded.description["data"]["contrasts"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|c| c.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
+    let contrasts: Vec<String> = hemis
+        .clone()
+        .unwrap_or_else(|| crate::channels::strings(&loaded.description["data"]["contrasts"]));
     let index = BidsIndex::scan(
         root,
         &BidsQuery {

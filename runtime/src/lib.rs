@@ -28,6 +28,7 @@ pub mod report;
 pub mod sampling;
 pub mod scaffold;
 pub mod schedule;
+pub mod scratch;
 pub mod script;
 pub mod script_data;
 pub mod script_transform;
@@ -42,3 +43,10 @@ pub mod transfer;
 pub mod uncertainty;
 pub mod volume;
 pub mod watch;
+
+/// The value of a scoped thread; a panic there carries on in the caller.
+pub(crate) fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}

@@ -48,6 +48,7 @@ use tch::{Device, Kind, Tensor};
 
 use ivado_sdk::components::{Components, Connectivity};
 
+use crate::joined;
 use crate::metrics::Mask;
 
 /// ivadomed's epsilon inside the entropy's logarithm (`voxelwise_uncertainty(.., eps=1e-5)`).
@@ -401,13 +402,6 @@ fn count_instances(
             instances_here[index] += 1;
         }
     }
-}
-
-/// The result of a scoped thread; a panic there carries on here.
-fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    handle
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 #[cfg(test)]

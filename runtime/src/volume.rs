@@ -819,14 +819,66 @@ pub fn write_like(
     path: &Path,
     datatype: OutputType,
 ) -> Result<()> {
-    match catch_unwind(AssertUnwindSafe(|| {
-        write_like_inner(reference, canonical, path, datatype)
-    })) {
+    write_all_like(
+        reference,
+        &[(canonical.shallow_clone(), path.to_owned(), datatype)],
+    )
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes several maps in the geometry of one reference, as [`write_like`] each: the tensor work (and a
+/// PNG) runs on this thread, the NIfTI encoding and compression (most of a `.nii.gz` write) on up to as many
+/// threads as there are cores. Every file is written atomically; the first error is returned once all
+/// threads are done.
+pub fn write_all_like(reference: &Volume, maps: &[(Tensor, PathBuf, OutputType)]) -> Result<()> {
+    let reference_path = reference.path.as_path();
+    let mut encodes = Vec::new();
+    for (canonical, path, datatype) in maps {
+        let prepared = writing(reference_path, path, || {
+            prepare_write(reference, canonical, path, *datatype)
+        })?;
+        match prepared {
+            PreparedWrite::Nifti(nifti) => encodes.push(nifti),
+            // [H, W, 1] in file order is [rows, columns]: the PNG's own layout
+            PreparedWrite::Png { file_order, tmp } => writing(reference_path, path, || {
+                finish_write(crate::microscopy::write_png(&file_order, &tmp), &tmp, path)
+            })?,
+        }
+    }
+    let encode = |nifti: &PreparedNifti| writing(reference_path, &nifti.path, || nifti.write());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(encodes.len());
+    if threads <= 1 {
+        return encodes.iter().try_for_each(|nifti| encode(nifti));
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|first| {
+                let (encodes, encode) = (&encodes, &encode);
+                scope.spawn(move || -> Result<()> {
+                    encodes
+                        .iter()
+                        .skip(first)
+                        .step_by(threads)
+                        .try_for_each(|nifti| encode(nifti))
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(crate::joined)
+    })
+}
+
+/// Runs one step of writing `path`, naming the file and the reference in its error, and reporting a panic
+/// as an error.
+fn writing<T>(reference: &Path, path: &Path, step: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(step)) {
         Ok(result) => result.with_context(|| {
             format!(
                 "failed to write NIfTI file {} (geometry of {})",
                 path.display(),
-                reference.path.display()
+                reference.display()
             )
         }),
         Err(panic) => Err(anyhow!(
@@ -835,73 +887,6 @@ pub fn write_like(
             panic_message(&panic)
         )),
     }
-}
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn write_like_inner(
-    reference: &Volume,
-    canonical: &Tensor,
-    path: &Path,
-    datatype: OutputType,
-) -> Result<()> {
-    match prepare_write(reference, canonical, path, datatype)? {
-        PreparedWrite::Png { file_order, tmp } => {
-            // [H, W, 1] in file order is [rows, columns]: the PNG's own layout
-            let written = crate::microscopy::write_png(&file_order, &tmp);
-            finish_write(written, &tmp, path)
-        }
-        PreparedWrite::Nifti(nifti) => nifti.write(),
-    }
-}
-
-/// Writes several maps in the geometry of one reference, as [`write_like`] each: the tensor work runs on
-/// this thread, the NIfTI encoding and compression (most of a `.nii.gz` write) on up to as many threads as
-/// there are cores. Every file is still written atomically; the first error is returned once all are done.
-pub fn write_all_like(reference: &Volume, maps: &[(Tensor, PathBuf, OutputType)]) -> Result<()> {
-    let reference_path = &reference.path;
-    let context = |path: &Path| {
-        format!(
-            "failed to write NIfTI file {} (geometry of {})",
-            path.display(),
-            reference_path.display()
-        )
-    };
-    let mut encodes = Vec::new();
-    for (canonical, path, datatype) in maps {
-        match prepare_write(reference, canonical, path, *datatype).with_context(|| context(path))? {
-            PreparedWrite::Nifti(nifti) => encodes.push(nifti),
-            PreparedWrite::Png { .. } => write_like(reference, canonical, path, *datatype)?,
-        }
-    }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(encodes.len());
-    let next = AtomicU64::new(0);
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut results = Vec::new();
-                    while let Some(nifti) =
-                        encodes.get(next.fetch_add(1, Ordering::Relaxed) as usize)
-                    {
-                        let written = catch_unwind(AssertUnwindSafe(|| nifti.write()))
-                            .unwrap_or_else(|panic| {
-                                Err(anyhow!("internal panic: {}", panic_message(&panic)))
-                            });
-                        results.push(written.with_context(|| context(&nifti.path)));
-                    }
-                    results
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|worker| worker.join().unwrap_or_default())
-            .collect()
-    });
-    results.into_iter().collect()
 }
 
 /// A map ready to be written: file order, header and temporary name settled.
@@ -925,7 +910,7 @@ impl PreparedNifti {
         let written = write_nifti_file(
             &self.tmp,
             &self.header,
-            self.shape.clone(),
+            &self.shape,
             &self.values,
             self.datatype,
         );
@@ -1038,13 +1023,13 @@ fn finish_write(written: Result<()>, tmp: &Path, path: &Path) -> Result<()> {
 fn write_nifti_file(
     tmp: &Path,
     header: &NiftiHeader,
-    shape: Vec<usize>,
+    shape: &[usize],
     values: &[f32],
     datatype: OutputType,
 ) -> Result<()> {
     use ndarray::ShapeBuilder;
     let writer = nifti::writer::WriterOptions::new(tmp).reference_header(header);
-    let shape = ndarray::IxDyn(&shape).f();
+    let shape = ndarray::IxDyn(shape).f();
     let written = match datatype {
         OutputType::F32 => writer.write_nifti(&ndarray::ArrayView::from_shape(shape, values)?),
         OutputType::U8 => {
